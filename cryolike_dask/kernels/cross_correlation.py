@@ -1,0 +1,511 @@
+"""The block cross-correlation kernel (spec §10, §11, §13; design.md "The block kernel").
+
+For a block of templates ``T[s, n, w]`` and a block of images ``I[m, n, w]`` with CTFs
+``C[m, n, w]``, over displacements ``d`` and in-plane rotations ``w``:
+
+``X[m,s,d,w] = Σ_n Σ_w' ωI[n] C[m,n,w'] conj(I[m,n,w']) T[s,n,w'+w] K[d,n,w'+w]``,
+``Ixx[m,s,w] = Σ_n Σ_w' ωI[n] C[m,n,w']² |T[s,n,w'+w]|²``, ``Iyy[m] = Σ ωI |I[m]|²`` and
+``cc[m,s,d,w] = X / sqrt(Ixx · Iyy)`` (indices along ``w`` mod ``W``).
+
+How: both sides are weighted by ``σ = sqrt(ωI)`` and Fourier-transformed along the angle
+axis; only the orders ``q = 0 … W/2`` that the half-spectrum inverse reads are kept (half of
+CryoLike's work); the contraction over shells is one batched GEMM ``(Q, m, N) @ (Q, N, s·D)``;
+the inverse FFT gives all ``W`` rotations; the result is normalised and reduced inside the
+kernel. The rotation axis is exact when inputs have the Hermitian symmetry of real images
+(``F[n, w + W/2] = conj F[n, w]``), which every image and template made from real data has.
+
+Use :func:`prepare_templates` once per template block (cache it), :func:`prepare_images` once
+per image block, then :func:`correlate_block`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cryolike_dask.grids.polar import PolarGrid
+from cryolike_dask.kernels.backend import array_module, fft_kwargs, fft_module
+from cryolike_dask.kernels.fourier_bessel import n_orders
+from cryolike_dask.kernels.likelihood import LikelihoodConstants
+from cryolike_dask.kernels.reduction import logsumexp, logsumexp_inplace
+from cryolike_dask.precision import Precision
+
+#: Default budget for the kernel's per-batch temporaries (bytes).
+DEFAULT_WORK_BYTES = 256 * 2**20
+
+
+class NonFiniteCrossCorrelationError(FloatingPointError):
+    """The cross-correlation of an image with a template is NaN or infinite.
+
+    This happens when a template, an image or a CTF has zero norm (or contains NaN/Inf).
+    """
+
+
+# ------------------------------------------------------------------------------ templates
+@dataclass(frozen=True)
+class PreparedTemplates:
+    """Template side of the kernel; computed once per template block and reusable.
+
+    Attributes
+    ----------
+    spectrum : complex ``[Q, N, S·D]``
+        ``FFT_w(σ · T[s] · K[d])``, orders ``q = 0 … W/2``; column ``s·D + d``.
+    power_spectrum : complex ``[Q, N, S]``
+        ``rFFT_w(ωI · |T[s]|²)`` (orthonormal), for the CTF-weighted template norms.
+    mask_weighted : complex ``[S, N·W]``
+        ``ωI · mask · T[s]``, for the overlap ``Isx`` with the constant image.
+    n_templates, n_displacements, n_shells, n_inplanes : int
+    """
+
+    spectrum: Any
+    power_spectrum: Any
+    mask_weighted: Any
+    n_templates: int
+    n_displacements: int
+    n_shells: int
+    n_inplanes: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the prepared arrays."""
+        return int(self.spectrum.nbytes + self.power_spectrum.nbytes + self.mask_weighted.nbytes)
+
+
+def _check_stack(name: str, stack: Any, grid: PolarGrid) -> None:
+    if stack.ndim != 3 or tuple(stack.shape[1:]) != grid.shape:
+        raise ValueError(
+            f"{name} must have shape [count, n_shells, n_inplanes] = [*, {grid.n_shells}, "
+            f"{grid.n_inplanes}] for this polar grid, got {tuple(stack.shape)}"
+        )
+
+
+def prepare_templates(
+    templates: Any,
+    translation: Any,
+    grid: PolarGrid,
+    precision: str | Precision = "single",
+    *,
+    workers: int | None = None,
+    work_bytes: int = DEFAULT_WORK_BYTES,
+) -> PreparedTemplates:
+    """Prepare a block of templates for :func:`correlate_block`.
+
+    Parameters
+    ----------
+    templates : complex array ``[S, N, W]``
+        Templates on ``grid`` (NumPy or CuPy; the result lives on the same device).
+    translation : complex array ``[D, N, W]``
+        Translation kernel of the searched displacements (:func:`translation_kernel`).
+    grid : PolarGrid
+    precision : "single" or "double"
+        Working precision (complex64 or complex128).
+    workers : int, optional
+        Threads for SciPy's FFT (NumPy arrays only).
+    work_bytes : int
+        Budget for temporaries; templates are processed in sub-batches that fit it.
+    """
+    xp = array_module(templates)
+    prec = Precision.parse(precision).resolve()
+    cdt, rdt = prec.complex_dtype, prec.real_dtype
+    _check_stack("templates", templates, grid)
+    n_s, n_n, n_w = templates.shape
+    kernel = xp.asarray(translation).astype(cdt, copy=False)
+    if kernel.ndim != 3 or tuple(kernel.shape[1:]) != grid.shape:
+        raise ValueError(
+            f"translation kernel must have shape [D, {grid.n_shells}, {grid.n_inplanes}], "
+            f"got {tuple(kernel.shape)}"
+        )
+    n_d = kernel.shape[0]
+    n_q = n_orders(n_w)
+    fft = fft_module(xp)
+    kw = fft_kwargs(xp, workers)
+
+    t = xp.asarray(templates).astype(cdt, copy=False)
+    weights = xp.asarray(grid.shell_integration_weights).astype(rdt)  # ωI per shell
+    sigma = xp.sqrt(weights)[:, None]  # [N, 1]
+    t_sigma = t * sigma  # [S, N, W]
+
+    spectrum = xp.empty((n_q, n_n, n_s, n_d), dtype=cdt)
+    per_template = n_d * n_n * n_w * np.dtype(cdt).itemsize * 2
+    step = max(1, min(n_s, work_bytes // max(per_template, 1)))
+    for s0 in range(0, n_s, step):
+        s1 = min(n_s, s0 + step)
+        displaced = t_sigma[s0:s1, None] * kernel[None]  # [s, D, N, W]
+        coeffs = fft.fft(displaced, axis=-1, norm="ortho", **kw)[..., :n_q]  # [s, D, N, Q]
+        spectrum[:, :, s0:s1, :] = coeffs.transpose(3, 2, 0, 1)
+    spectrum = spectrum.reshape(n_q, n_n, n_s * n_d)
+
+    power = (t_sigma.real**2 + t_sigma.imag**2).astype(rdt, copy=False)  # ωI |T|²
+    power_spectrum = fft.rfft(power, axis=-1, norm="ortho", **kw)  # [S, N, Q]
+    power_spectrum = xp.ascontiguousarray(power_spectrum.transpose(2, 1, 0)).astype(cdt)
+
+    mask = xp.asarray(grid.mask).astype(rdt)
+    mask_weighted = (t * (mask * weights[:, None])).reshape(n_s, n_n * n_w).astype(cdt)
+    return PreparedTemplates(spectrum, power_spectrum, mask_weighted, n_s, n_d, n_n, n_w)
+
+
+# ------------------------------------------------------------------------------ images
+@dataclass(frozen=True)
+class PreparedImages:
+    """Image side of the kernel, computed once per image block.
+
+    Attributes
+    ----------
+    spectrum : complex ``[Q, M, N]``
+        ``conj(FFT_w(σ · C · I))``, orders ``q = 0 … W/2``.
+    ctf_power_spectrum : complex ``[Q, M, N]``
+        ``conj(rFFT_w(C²))`` (orthonormal), for the template norms.
+    ctf : real ``[M, N·W]``
+        The CTF, for the overlap ``Isx``.
+    norms : real ``[M]``
+        ``Iyy = Σ ωI |I|²``.
+    mask_overlap : complex ``[M]``
+        ``Isy = Σ ωI · mask · I``.
+    """
+
+    spectrum: Any
+    ctf_power_spectrum: Any
+    ctf: Any
+    norms: Any
+    mask_overlap: Any
+
+    @property
+    def n_images(self) -> int:
+        """Number of images ``M``."""
+        return int(self.norms.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the prepared arrays."""
+        return int(
+            self.spectrum.nbytes + self.ctf_power_spectrum.nbytes + self.ctf.nbytes
+            + self.norms.nbytes + self.mask_overlap.nbytes
+        )  # fmt: skip
+
+
+def prepare_images(
+    images: Any,
+    ctf: Any,
+    grid: PolarGrid,
+    precision: str | Precision = "single",
+    *,
+    workers: int | None = None,
+) -> PreparedImages:
+    """Prepare a block of images and their CTFs for :func:`correlate_block`.
+
+    Parameters
+    ----------
+    images : complex array ``[M, N, W]``
+        Images on ``grid`` (NumPy or CuPy).
+    ctf : real array ``[M, N, W]``, ``[M, N, 1]`` (isotropic) or ``[1, N, W]`` (shared)
+        CTF of each image on the grid (:func:`~cryolike_dask.kernels.ctf.ctf_polar`). An
+        isotropic CTF is broadcast over angles, so template norms are exact for it too
+        (CryoLike's are not, spec §17.4).
+    grid : PolarGrid
+    precision : "single" or "double"
+    workers : int, optional
+        Threads for SciPy's FFT.
+    """
+    xp = array_module(images)
+    prec = Precision.parse(precision).resolve()
+    cdt, rdt = prec.complex_dtype, prec.real_dtype
+    _check_stack("images", images, grid)
+    n_m, n_n, n_w = images.shape
+    c = xp.asarray(ctf)
+    if xp.iscomplexobj(c):
+        raise ValueError("ctf must be real")
+    if c.ndim != 3 or c.shape[1] != n_n or c.shape[0] not in (1, n_m) or c.shape[2] not in (1, n_w):
+        raise ValueError(
+            f"ctf must have shape [{n_m} or 1, {n_n}, {n_w} or 1], got {tuple(c.shape)}"
+        )
+    c = xp.ascontiguousarray(xp.broadcast_to(c.astype(rdt, copy=False), (n_m, n_n, n_w)))
+    fft = fft_module(xp)
+    kw = fft_kwargs(xp, workers)
+    n_q = n_orders(n_w)
+
+    y = xp.asarray(images).astype(cdt, copy=False)
+    weights = xp.asarray(grid.shell_integration_weights).astype(rdt)
+    sigma = xp.sqrt(weights)[:, None]
+    y_sigma = y * sigma
+    coeffs = fft.fft(y_sigma * c, axis=-1, norm="ortho", **kw)[..., :n_q]  # [M, N, Q]
+    spectrum = xp.ascontiguousarray(xp.conj(coeffs).transpose(2, 0, 1))
+    ctf_power = fft.rfft(c * c, axis=-1, norm="ortho", **kw)  # [M, N, Q]
+    ctf_power_spectrum = xp.ascontiguousarray(xp.conj(ctf_power).transpose(2, 0, 1)).astype(cdt)
+    norms = xp.sum(y_sigma.real**2 + y_sigma.imag**2, axis=(1, 2))
+    mask = xp.asarray(grid.mask).astype(rdt)
+    mask_overlap = xp.sum(y * (mask * weights[:, None]), axis=(1, 2))
+    return PreparedImages(
+        spectrum, ctf_power_spectrum, c.reshape(n_m, n_n * n_w), norms, mask_overlap
+    )
+
+
+# ------------------------------------------------------------------------------ outputs
+@dataclass(frozen=True)
+class BlockOutputs:
+    """What :func:`correlate_block` returns beyond the per-pair and per-image optimum.
+
+    Attributes
+    ----------
+    full : bool
+        The full ``[M, S, D, W]`` cross-correlation tensor.
+    per_rotation : bool
+        ``[M, S, W]``: best over displacements for each rotation (and which displacement).
+    per_displacement : bool
+        ``[M, S, D]``: best over rotations for each displacement (and which rotation).
+    integrated_likelihood : bool
+        Per-(image, template) integrated log-likelihood (needs likelihood constants).
+    """
+
+    full: bool = False
+    per_rotation: bool = False
+    per_displacement: bool = False
+    integrated_likelihood: bool = False
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """Results of one (template block × image block) pair. ``M`` images, ``S`` templates.
+
+    Floats are of the working precision, indices int64; index values are *local* to the
+    template block. A pose index packs ``s · D · W + d · W + w``.
+
+    Attributes
+    ----------
+    best_cross_correlation : ``[M]``
+        Best normalised cross-correlation over the block's templates, displacements, rotations.
+    best_pose : ``[M]`` int64
+        First pose (flat order s, d, w) that reaches it.
+    cross_correlation_ms : ``[M, S]``
+        Best over (d, w) for each template.
+    pose_ms : ``[M, S]`` int64
+        First ``d · W + w`` that reaches it.
+    log_likelihood_ms : ``[M, S]`` or None
+        ``logsumexp`` over (d, w) of the per-pose log-likelihood (spec §11).
+    log_likelihood_sum : ``[M]`` or None
+        ``logsumexp_s(log_likelihood_ms + log_prior)`` over the block's templates.
+    cross_correlation_msdw : ``[M, S, D, W]`` or None
+    cross_correlation_msw, displacement_index_msw : ``[M, S, W]`` or None
+    cross_correlation_msd, rotation_index_msd : ``[M, S, D]`` or None
+    """
+
+    best_cross_correlation: Any
+    best_pose: Any
+    cross_correlation_ms: Any
+    pose_ms: Any
+    log_likelihood_ms: Any = None
+    log_likelihood_sum: Any = None
+    cross_correlation_msdw: Any = None
+    cross_correlation_msw: Any = None
+    displacement_index_msw: Any = None
+    cross_correlation_msd: Any = None
+    rotation_index_msd: Any = None
+
+
+def image_batch_size(templates: PreparedTemplates, outputs: BlockOutputs, work_bytes: int) -> int:
+    """Images per internal batch so that the batch's ``[m, S, D, W]`` temporaries fit."""
+    elems = templates.n_templates * templates.n_displacements * templates.n_inplanes
+    itemsize = templates.spectrum.dtype.itemsize  # complex: 2 reals
+    per_image = elems * itemsize * (3 if outputs.integrated_likelihood else 2)
+    return max(1, int(work_bytes // max(per_image, 1)))
+
+
+def correlate_block(
+    templates: PreparedTemplates,
+    images: PreparedImages,
+    outputs: BlockOutputs = BlockOutputs(),
+    *,
+    likelihood: LikelihoodConstants | None = None,
+    log_prior: Any = None,
+    workers: int | None = None,
+    work_bytes: int = DEFAULT_WORK_BYTES,
+) -> BlockResult:
+    """Cross-correlate a block of images with a block of templates, reduced inside.
+
+    Parameters
+    ----------
+    templates : PreparedTemplates
+    images : PreparedImages
+        Must be on the same device and of the same precision as ``templates``.
+    outputs : BlockOutputs
+        Optional outputs; the full ``[M, S, D, W]`` tensor is built only when asked for.
+    likelihood : LikelihoodConstants, optional
+        Needed for ``outputs.integrated_likelihood``.
+    log_prior : real array ``[S]``, optional
+        Log prior weight of each template of the block (``ln(w_s / Σ w)`` over the whole
+        structure); with the integrated likelihood, gives ``log_likelihood_sum``.
+    workers : int, optional
+        Threads for SciPy's FFT.
+    work_bytes : int
+        Budget for the temporaries of one internal image batch.
+
+    Raises
+    ------
+    NonFiniteCrossCorrelationError
+        If any normalised cross-correlation is NaN (zero-norm template, image or CTF).
+    """
+    xp = array_module(templates.spectrum)
+    fft = fft_module(xp)
+    kw = fft_kwargs(xp, workers)
+    n_m, n_s = images.n_images, templates.n_templates
+    n_d, n_w = templates.n_displacements, templates.n_inplanes
+    rdt = np.empty(0, dtype=templates.spectrum.dtype).real.dtype
+    if images.spectrum.shape[0] != templates.spectrum.shape[0] or (
+        images.spectrum.shape[2] != templates.n_shells
+    ):
+        raise ValueError("images and templates were prepared for different polar grids")
+    if outputs.integrated_likelihood and likelihood is None:
+        raise ValueError("the integrated likelihood needs LikelihoodConstants")
+
+    best_ms = xp.empty((n_m, n_s), dtype=rdt)
+    pose_ms = xp.empty((n_m, n_s), dtype=xp.int64)
+    ll_ms = xp.empty((n_m, n_s), dtype=rdt) if outputs.integrated_likelihood else None
+    full = xp.empty((n_m, n_s, n_d, n_w), dtype=rdt) if outputs.full else None
+    msw = xp.empty((n_m, n_s, n_w), dtype=rdt) if outputs.per_rotation else None
+    msw_arg = xp.empty((n_m, n_s, n_w), dtype=xp.int64) if outputs.per_rotation else None
+    msd = xp.empty((n_m, n_s, n_d), dtype=rdt) if outputs.per_displacement else None
+    msd_arg = xp.empty((n_m, n_s, n_d), dtype=xp.int64) if outputs.per_displacement else None
+
+    isx_all = None
+    if outputs.integrated_likelihood:
+        # Isx[m, s] = Σ ωI · mask · C[m] · T[s] (undisplaced, unrotated template: spec §11)
+        isx_all = images.ctf.astype(templates.mask_weighted.dtype) @ templates.mask_weighted.T
+
+    step = image_batch_size(templates, outputs, work_bytes)
+    for m0 in range(0, n_m, step):
+        m1 = min(n_m, m0 + step)
+        mb = m1 - m0
+        # contraction over shells for every order q: one batched GEMM
+        xq = xp.matmul(images.spectrum[:, m0:m1, :], templates.spectrum)  # [Q, mb, S·D]
+        x = fft.irfft(xq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
+        x = x.reshape(mb, n_s, n_d, n_w).astype(rdt, copy=False)  # raw correlation X
+        del xq
+        nq = xp.matmul(images.ctf_power_spectrum[:, m0:m1, :], templates.power_spectrum)
+        ixx = fft.irfft(nq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
+        ixx = ixx.astype(rdt, copy=False)  # [mb, S, W]
+        iyy = images.norms[m0:m1].astype(rdt, copy=False)
+
+        if outputs.integrated_likelihood:
+            assert likelihood is not None and isx_all is not None and ll_ms is not None
+            ll_ms[m0:m1] = _integrated_log_likelihood(
+                x, ixx, iyy, isx_all[m0:m1], images.mask_overlap[m0:m1], likelihood, xp
+            )
+
+        with _errstate(xp):
+            inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, S, W]
+        cc = x  # normalise in place
+        cc *= inv_norm[:, :, None, :]
+        flat = cc.reshape(mb, n_s, n_d * n_w)
+        arg = xp.argmax(flat, axis=-1)
+        best_ms[m0:m1] = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+        pose_ms[m0:m1] = arg
+        if full is not None:
+            full[m0:m1] = cc
+        if msw is not None:
+            a = xp.argmax(cc, axis=2)
+            msw_arg[m0:m1] = a
+            msw[m0:m1] = xp.take_along_axis(cc, a[:, :, None, :], axis=2)[:, :, 0, :]
+        if msd is not None:
+            a = xp.argmax(cc, axis=3)
+            msd_arg[m0:m1] = a
+            msd[m0:m1] = xp.take_along_axis(cc, a[..., None], axis=3)[..., 0]
+
+    if not bool(xp.all(xp.isfinite(best_ms))):
+        m_bad, s_bad = (int(v[0]) for v in xp.nonzero(~xp.isfinite(best_ms)))
+        raise NonFiniteCrossCorrelationError(
+            f"cross-correlation is not finite for image {m_bad} and template {s_bad} of this "
+            "block: a template, an image or a CTF has zero norm or non-finite values"
+        )
+    s_best = xp.argmax(best_ms, axis=1)
+    rows = xp.arange(n_m)
+    best = best_ms[rows, s_best]
+    best_pose = s_best.astype(xp.int64) * (n_d * n_w) + pose_ms[rows, s_best]
+
+    ll_sum = None
+    if ll_ms is not None and log_prior is not None:
+        prior = xp.asarray(log_prior).astype(rdt)
+        if prior.shape != (n_s,):
+            raise ValueError(f"log_prior must have shape [{n_s}], got {tuple(prior.shape)}")
+        ll_sum = logsumexp(ll_ms + prior[None, :], axis=1)
+    return BlockResult(
+        best, best_pose, best_ms, pose_ms, ll_ms, ll_sum, full, msw, msw_arg, msd, msd_arg
+    )
+
+
+def _integrated_log_likelihood(
+    x: Any, ixx: Any, iyy: Any, isx: Any, isy: Any, constants: LikelihoodConstants, xp: Any
+) -> Any:
+    """``logsumexp_{d,w}`` of the per-pose BioEM log-likelihood (spec §11); ``[mb, S]``.
+
+    ``x`` is the raw correlation ``[mb, S, D, W]`` (not modified), ``ixx`` ``[mb, S, W]``,
+    ``iyy`` ``[mb]``, ``isx`` ``[mb, S]`` and ``isy`` ``[mb]`` complex.
+    """
+    iss = constants.mask_integral
+    p = constants.exponent
+    rdt = x.dtype
+    a = ixx * iss - (isx.real**2 + isx.imag**2)[:, :, None]  # [mb, S, W]
+    k = (isx.real * isy.real[:, None] + isx.imag * isy.imag[:, None]).astype(
+        rdt
+    )  # Re(conj(Isx) Isy)
+    c = ((isy.real**2 + isy.imag**2) - iyy * iss).astype(rdt)  # [mb]
+    t = x * rdt.type(iss)  # B = X Iss − k, then D = −(B²/A + C), in place
+    t -= k[:, :, None, None]
+    t *= t
+    t /= a[:, :, None, :]
+    t += c[:, None, None, None]
+    t *= -1
+    with _errstate(xp):
+        xp.log(t, out=t)
+        t *= rdt.type(-p)
+        t -= (0.5 * xp.log(a))[:, :, None, :]
+    return logsumexp_inplace(t, axis=(2, 3)) + rdt.type(constants.constant)
+
+
+class _errstate:
+    def __init__(self, xp: Any):
+        self._ctx = np.errstate(divide="ignore", invalid="ignore") if xp is np else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def decode_pose(pose: Any, n_displacements: int, n_inplanes: int) -> tuple[Any, Any, Any]:
+    """Split packed pose indices ``s·D·W + d·W + w`` into ``(s, d, w)``."""
+    per_template = n_displacements * n_inplanes
+    return pose // per_template, (pose // n_inplanes) % n_displacements, pose % n_inplanes
+
+
+def encode_pose(
+    template: Any, displacement: Any, rotation: Any, n_displacements: int, n_inplanes: int
+) -> Any:
+    """Pack ``(s, d, w)`` into ``s·D·W + d·W + w`` (int64)."""
+    return (template * n_displacements + displacement) * n_inplanes + rotation
+
+
+def kernel_flops(
+    n_images: int, n_templates: int, n_displacements: int, n_shells: int, n_inplanes: int
+) -> float:
+    """Real flops of the contraction (the dominant term): ``8 M S D N (W/2 + 1)``."""
+    return 8.0 * n_images * n_templates * n_displacements * n_shells * n_orders(n_inplanes)
+
+
+__all__ = [
+    "BlockOutputs",
+    "BlockResult",
+    "NonFiniteCrossCorrelationError",
+    "PreparedImages",
+    "PreparedTemplates",
+    "correlate_block",
+    "decode_pose",
+    "encode_pose",
+    "image_batch_size",
+    "kernel_flops",
+    "prepare_images",
+    "prepare_templates",
+]
