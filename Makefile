@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check cryolike_dask tests
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -180,9 +180,12 @@ class PreparedImages:
     def nbytes(self) -> int:
         """Bytes held by the prepared arrays."""
         return int(
-            self.spectrum.nbytes + self.ctf_power_spectrum.nbytes + self.ctf.nbytes
-            + self.norms.nbytes + self.mask_overlap.nbytes
-        )  # fmt: skip
+            self.spectrum.nbytes
+            + self.ctf_power_spectrum.nbytes
+            + self.ctf.nbytes
+            + self.norms.nbytes
+            + self.mask_overlap.nbytes
+        )
 
 
 def prepare_images(
@@ -392,10 +395,10 @@ def correlate_block(
                 x, ixx, iyy, isx_all[m0:m1], images.mask_overlap[m0:m1], likelihood, xp
             )
 
-        with _errstate(xp):
-            inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, S, W]
         cc = x  # normalise in place
-        cc *= inv_norm[:, :, None, :]
+        with _errstate(xp):  # a zero norm gives inf/NaN, reported below with its indices
+            inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, S, W]
+            cc *= inv_norm[:, :, None, :]
         flat = cc.reshape(mb, n_s, n_d * n_w)
         arg = xp.argmax(flat, axis=-1)
         best_ms[m0:m1] = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
@@ -464,7 +467,9 @@ def _integrated_log_likelihood(
 
 class _errstate:
     def __init__(self, xp: Any):
-        self._ctx = np.errstate(divide="ignore", invalid="ignore") if xp is np else None
+        self._ctx = (
+            np.errstate(divide="ignore", invalid="ignore", over="ignore") if xp is np else None
+        )
 
     def __enter__(self) -> None:
         if self._ctx is not None:

@@ -13,6 +13,7 @@ weights ``ωI`` (``Iss = <s, s>``, ``Isx = <s, x>``, ``Isy = <s, y>``, ``Ixx``, 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,8 @@ def bioem_log_likelihood(
     """Per-pose BioEM log-likelihood from the inner products (broadcasting arrays).
 
     ``isx`` and ``isy`` may be complex; ``B`` uses ``Re(conj(Isx) Isy)`` (equal to CryoLike's
-    form for the Hermitian data of real images).
+    form for the Hermitian data of real images). A perfect noise-free fit (``D = 0``) gives
+    ``+inf``.
     """
     xp = array_module(ixx, ixy)
     iss = constants.mask_integral
@@ -83,7 +85,9 @@ def bioem_log_likelihood(
     b = ixy * iss - (isx.real * isy.real + isx.imag * isy.imag)
     c = (isy.real**2 + isy.imag**2) - iyy * iss
     d = -(b * b / a + c)
-    return -constants.exponent * xp.log(d) - 0.5 * xp.log(a) + constants.constant
+    # a noise-free perfect fit has D = 0 and LL = +inf: returned as such, without a warning
+    with np.errstate(divide="ignore", invalid="ignore") if xp is np else _nullcontext():
+        return -constants.exponent * xp.log(d) - 0.5 * xp.log(a) + constants.constant
 
 
 def aggregate_integrated_log_likelihood(

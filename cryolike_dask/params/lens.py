@@ -145,31 +145,39 @@ class LensParameters:
             return cls(
                 defocus_u=_per_image(u, n, "defocusU", source),
                 defocus_v=_per_image(
-                    require(fields, "defocusV", source, "defocus V per image, Å"), n, "defocusV",
+                    require(fields, "defocusV", source, "defocus V per image, Å"),
+                    n,
+                    "defocusV",
                     source,
                 ),
                 defocus_angle=_per_image(
                     require(fields, "defocusAngle", source, "astigmatism angle per image, rad"),
-                    n, "defocusAngle", source,
+                    n,
+                    "defocusAngle",
+                    source,
                 ),
                 phase_shift=_per_image(
                     0.0 if fields.get("phaseShift") is None else fields["phaseShift"],
-                    n, "phaseShift", source,
+                    n,
+                    "phaseShift",
+                    source,
                 ),
                 spherical_aberration=_single(
                     require(fields, "sphericalAberration", source, "Cs in mm"),
-                    "sphericalAberration", source,
+                    "sphericalAberration",
+                    source,
                 ),
                 voltage=_single(require(fields, "voltage", source, "kV"), "voltage", source),
                 amplitude_contrast=_single(
                     0.1 if fields.get("amplitudeContrast") is None else fields["amplitudeContrast"],
-                    "amplitudeContrast", source,
+                    "amplitudeContrast",
+                    source,
                 ),
                 ctf_bfactor=_scalar_or_first(fields.get("ctfBfactor"), 0.0),
                 ctf_scalefactor=_scalar_or_first(fields.get("ctfScalefactor"), 1.0),
                 astigmatism_convention=str(conv),
                 extra=extra,
-            )  # fmt: skip
+            )
         except ParameterFileError as exc:
             msg = str(exc)
             raise ParameterFileError(
@@ -231,10 +239,18 @@ class LensParameters:
     def with_convention(self, astigmatism_convention: str) -> LensParameters:
         """A copy that interprets the defocus angle with another convention."""
         return LensParameters(
-            self.defocus_u, self.defocus_v, self.defocus_angle, self.phase_shift,
-            self.spherical_aberration, self.voltage, self.amplitude_contrast,
-            self.ctf_bfactor, self.ctf_scalefactor, astigmatism_convention, dict(self.extra),
-        )  # fmt: skip
+            self.defocus_u,
+            self.defocus_v,
+            self.defocus_angle,
+            self.phase_shift,
+            self.spherical_aberration,
+            self.voltage,
+            self.amplitude_contrast,
+            self.ctf_bfactor,
+            self.ctf_scalefactor,
+            astigmatism_convention,
+            dict(self.extra),
+        )
 
 
 def _scalar_or_first(value: Any, default: float) -> float:

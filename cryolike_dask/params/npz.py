@@ -6,11 +6,13 @@ become Python scalars and ``None``-valued or empty arrays become ``None`` (spec 
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -30,12 +32,49 @@ def read_npz(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ParameterFileError(f"{p}: file not found")
+    if not zipfile.is_zipfile(p):
+        raise ParameterFileError(f"{p}: not a readable .npz file (not a zip archive)")
+    raw: dict[str, np.ndarray] = {}
     try:
-        with np.load(p, allow_pickle=True) as data:
-            raw = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(p) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                raw[member[: -len(".npy")]] = _read_npy(archive.read(member))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         raise ParameterFileError(f"{p}: not a readable .npz file ({exc})") from exc
     return {k: _unwrap(v) for k, v in raw.items()}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds pickled NumPy arrays (CryoLike's 0-d object arrays) and nothing else."""
+
+    _allowed: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_npy(data: bytes) -> np.ndarray:
+    """One ``.npy`` member; object arrays through :class:`_ArrayOnlyUnpickler`."""
+    fp = io.BytesIO(data)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        _, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    else:
+        _, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    if dtype.hasobject:
+        arr = _ArrayOnlyUnpickler(fp, encoding="latin1").load()
+        return np.asarray(arr)
+    fp.seek(0)
+    return np.lib.format.read_array(fp, allow_pickle=False)
 
 
 def _unwrap(value: np.ndarray) -> Any:
