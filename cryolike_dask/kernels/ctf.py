@@ -24,14 +24,16 @@ SPEED_OF_LIGHT = 2.99792458e8
 CONVENTIONS = ("cryolike", "relion")
 
 
-def electron_wavelength(voltage_kv: float) -> float:
+def electron_wavelength(voltage_kv: Any) -> Any:
     """Relativistic electron wavelength in Å for an acceleration voltage in kV.
 
-    0.019687489 Å at 300 kV, 0.025079340 Å at 200 kV.
+    0.019687489 Å at 300 kV, 0.025079340 Å at 200 kV. Scalars give a float, arrays an array.
     """
-    v = float(voltage_kv) * 1e3
+    xp = array_module(voltage_kv)
+    v = xp.asarray(voltage_kv, dtype=xp.float64) * 1e3
     m, e, c = ELECTRON_MASS, ELECTRON_CHARGE, SPEED_OF_LIGHT
-    return PLANCK / math.sqrt(2.0 * m * e * v) / math.sqrt(1.0 + e * v / (2.0 * m * c**2)) * 1e10
+    lam = PLANCK / xp.sqrt(2.0 * m * e * v) / xp.sqrt(1.0 + e * v / (2.0 * m * c**2)) * 1e10
+    return float(lam) if lam.ndim == 0 else lam
 
 
 def ctf_polar(
@@ -40,9 +42,9 @@ def ctf_polar(
     defocus_angle: Any,
     phase_shift: Any,
     *,
-    voltage_kv: float,
-    spherical_aberration_mm: float,
-    amplitude_contrast: float,
+    voltage_kv: Any,
+    spherical_aberration_mm: Any,
+    amplitude_contrast: Any,
     radii: Any,
     theta: Any,
     box_size: float,
@@ -63,8 +65,8 @@ def ctf_polar(
         defocus is ``Δ̄ + (U − V)/2 · cos(2(θ − (π/2 − a)))`` (spec §7.4).
     phase_shift : array ``[M]`` or scalar
         Phase shift, radians.
-    voltage_kv, spherical_aberration_mm, amplitude_contrast : float
-        Microscope constants (kV, mm, dimensionless).
+    voltage_kv, spherical_aberration_mm, amplitude_contrast : float or array ``[M]``
+        Microscope constants (kV, mm, dimensionless), one value or one per image.
     radii : array ``[N]``
         Shell radii, polar units.
     theta : array ``[W]``
@@ -95,9 +97,12 @@ def ctf_polar(
     r = xp.asarray(radii, dtype=f64)
     th = xp.asarray(theta, dtype=f64)
 
-    lam = electron_wavelength(voltage_kv)
-    cs = float(spherical_aberration_mm) * 1e7
-    a = float(amplitude_contrast)
+    def per_image(value: Any) -> Any:  # scalar or [M] → [M, 1, 1]
+        return xp.broadcast_to(xp.asarray(value, dtype=f64).reshape(-1), u.shape)[:, None, None]
+
+    lam = per_image(electron_wavelength(xp.asarray(voltage_kv, dtype=f64)))
+    cs = per_image(spherical_aberration_mm) * 1e7
+    a = per_image(amplitude_contrast)
     s2 = (2.0 * r / float(box_size)) ** 2  # [N], (1/Å)²
 
     mean = (u + v) / 2.0
@@ -113,7 +118,7 @@ def ctf_polar(
     gamma = -np.pi * lam * s2[None, :, None] * defocus - phase[:, None, None]
     if not cs_corrected:
         gamma = gamma + (np.pi / 2.0) * cs * lam**3 * (s2**2)[None, :, None]
-    return -math.sqrt(1.0 - a * a) * xp.sin(gamma) + a * xp.cos(gamma)
+    return -xp.sqrt(1.0 - a * a) * xp.sin(gamma) + a * xp.cos(gamma)
 
 
 def ctf_from_lens(

@@ -85,3 +85,31 @@ class _quiet:
     def __exit__(self, *exc: object) -> None:
         if self._np is not None:
             self._ctx.__exit__(*exc)
+
+
+#: Fields of a packed partial ``[..., 3]`` float64: best score, pose index, log-sum.
+SCORE, POSE, LOG_SUM = 0, 1, 2
+
+
+def pack_partial(score: Any, pose: Any, log_sum: Any | None = None) -> Any:
+    """``[M, 3]`` float64 ``(score, pose, log_sum)``; pose indices are exact below 2**53."""
+    xp = array_module(score)
+    out = xp.empty((score.shape[0], 3), dtype=xp.float64)
+    out[:, SCORE] = score
+    out[:, POSE] = pose
+    out[:, LOG_SUM] = 0.0 if log_sum is None else log_sum
+    return out
+
+
+def reduce_packed(packed: Any, axis: int = 0, keepdims: bool = False) -> Any:
+    """Reduce packed partials ``[k, M, 3]`` along ``axis`` 0 with the monoid.
+
+    The signature fits ``dask.array.reduction``'s ``combine``/``aggregate`` callbacks.
+    """
+    if axis not in (0, (0,)):
+        raise ValueError("packed partials reduce along axis 0")
+    score, pose, log_sum = reduce_partials(
+        packed[..., SCORE], packed[..., POSE], packed[..., LOG_SUM]
+    )
+    out = pack_partial(score, pose, log_sum)
+    return out[None] if keepdims else out

@@ -1,0 +1,359 @@
+"""Where a run reads its images and templates: Zarr stores or CryoLike folders, one interface.
+
+Sources are small picklable descriptions (paths and sizes) that Dask tasks carry; the data are
+read inside the tasks, with a per-process cache of recently used files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryolike_dask.grids.sphere import ViewingAngles
+from cryolike_dask.io import cryolike as cl
+from cryolike_dask.io.zarr_stores import (
+    LENS_FIELDS,
+    ImageStore,
+    StackInfo,
+    StoreError,
+    TemplateStore,
+    lens_arrays,
+)
+from cryolike_dask.params.image import ImageParameters
+
+
+def _file_id(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+# ------------------------------------------------------------------------------ images
+@dataclass(frozen=True)
+class ImageSource:
+    """Base class: ``n_images`` images in ``stacks``, read by ranges."""
+
+    parameters: ImageParameters
+    stacks: tuple[StackInfo, ...]
+
+    @property
+    def n_images(self) -> int:
+        return self.stacks[-1].stop if self.stacks else 0
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Images ``[start, stop)`` (complex ``[m, N, W]``) and per-image lens arrays."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data (paths, sizes, modification times or store ids)."""
+        raise NotImplementedError
+
+
+@lru_cache(maxsize=4)
+def _load_stack_cached(folder: str, i_stack: int, file_id: tuple, convention: str | None):
+    return cl.load_stack(folder, i_stack, None, convention)
+
+
+@dataclass(frozen=True)
+class CryoLikeParticles(ImageSource):
+    """Stacks ``0 … n_stacks-1`` of a CryoLike particle folder (``PARTICLES/fft/*.pt, *.npz``)."""
+
+    folder: str = ""
+    astigmatism_convention: str | None = None
+    file_ids: tuple = field(default=(), repr=False)
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | os.PathLike,
+        n_stacks: int,
+        parameters: ImageParameters,
+        astigmatism_convention: str | None = None,
+    ) -> CryoLikeParticles:
+        """Check that every stack exists and matches ``parameters``; read their sizes."""
+        cl.check_stacks_exist(folder, n_stacks)
+        stacks, start, ids = [], 0, []
+        for i in range(n_stacks):
+            pt, npz = cl.stack_paths(folder, i)
+            stack_params = ImageParameters.load(npz)
+            diffs = parameters.incompatibilities(stack_params)
+            if diffs:
+                raise cl.CryoLikeFolderError(
+                    f"{npz}: image parameters differ from the run's parameters: " + "; ".join(diffs)
+                )
+            n = cl.stack_size(folder, i)
+            stacks.append(StackInfo(pt.stem, start, start + n, str(pt)))
+            start += n
+            ids.append((*_file_id(pt), *_file_id(npz)))
+        return cls(parameters, tuple(stacks), str(folder), astigmatism_convention, tuple(ids))
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        images, lens = [], []
+        for i, info in enumerate(self.stacks):
+            a, b = max(start, info.start), min(stop, info.stop)
+            if a >= b:
+                continue
+            stack = _load_stack_cached(
+                self.folder, i, tuple(self.file_ids[i]), self.astigmatism_convention
+            )
+            if stack.images.shape[0] != info.n_images:
+                raise cl.CryoLikeFolderError(
+                    f"{info.source}: holds {stack.images.shape[0]} images, its .npz says "
+                    f"{info.n_images}"
+                )
+            images.append(stack.images[a - info.start : b - info.start])
+            arrays = lens_arrays(stack.lens)
+            lens.append({k: v[a - info.start : b - info.start] for k, v in arrays.items()})
+        return np.concatenate(images), {
+            k: np.concatenate([d[k] for d in lens]) for k in LENS_FIELDS
+        }
+
+    @property
+    def convention(self) -> str:
+        return self.astigmatism_convention or "cryolike"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "cryolike-particles",
+            "files": [list(i) for i in self.file_ids],
+            "convention": self.convention,
+        }
+
+
+@lru_cache(maxsize=8)
+def _open_image_store(path: str) -> ImageStore:
+    return ImageStore.open(path)
+
+
+@dataclass(frozen=True)
+class ZarrImages(ImageSource):
+    """An image store written by ``cryolike-dask import-cryolike`` or ``convert-particles``."""
+
+    path: str = ""
+    store_id: str = ""
+    n_stacks: int | None = None
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        parameters: ImageParameters | None = None,
+        n_stacks: int | None = None,
+    ) -> ZarrImages:
+        """Open and check against ``parameters``; keep only the first ``n_stacks`` stacks."""
+        store = ImageStore.open(path)
+        if parameters is not None:
+            diffs = parameters.incompatibilities(store.parameters)
+            if diffs:
+                raise StoreError(
+                    f"{path}: image parameters differ from the run's: " + "; ".join(diffs)
+                )
+        stacks = store.stacks or [StackInfo("all", 0, store.n_images, str(path))]
+        if n_stacks is not None:
+            if not 1 <= n_stacks <= len(stacks):
+                raise StoreError(f"{path}: n_stacks = {n_stacks}, the store holds {len(stacks)}")
+            stacks = stacks[:n_stacks]
+        header = dict(store.group.attrs)["cryolike_dask"]
+        return cls(
+            parameters or store.parameters,
+            tuple(stacks),
+            str(path),
+            header.get("store_id", str(Path(path).resolve())),
+            n_stacks,
+        )
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return _open_image_store(self.path).read(start, stop)
+
+    @property
+    def convention(self) -> str:
+        return _open_image_store(self.path).astigmatism_convention
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "zarr-images",
+            "path": str(Path(self.path).resolve()),
+            "store_id": self.store_id,
+            "n_images": self.n_images,
+        }
+
+
+# ------------------------------------------------------------------------------ templates
+@dataclass(frozen=True)
+class TemplateSource:
+    """Base class: one or more structures, each a stack of templates."""
+
+    parameters: ImageParameters
+    names: tuple[str, ...]
+
+    @property
+    def n_structures(self) -> int:
+        return len(self.names)
+
+    def n_templates(self, structure: int) -> int:
+        raise NotImplementedError
+
+    def read(self, structure: int, start: int, stop: int) -> np.ndarray:
+        """Templates ``[start, stop)`` of a structure, complex ``[s, N, W]``."""
+        raise NotImplementedError
+
+    def take(self, structure: int, indices: np.ndarray) -> np.ndarray:
+        """Templates at ``indices`` (any order, repeats allowed), complex ``[k, N, W]``."""
+        raise NotImplementedError
+
+    def viewing_angles(self, structure: int) -> ViewingAngles:
+        raise NotImplementedError
+
+    def fingerprint(self, structure: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_structure(self, structure: int) -> None:
+        if not 0 <= structure < self.n_structures:
+            raise IndexError(
+                f"template index {structure} out of range: {self.n_structures} template "
+                f"file(s) ({', '.join(self.names)})"
+            )
+
+
+@lru_cache(maxsize=2)
+def _load_templates_cached(path: str, file_id: tuple, params: ImageParameters) -> np.ndarray:
+    return cl.load_templates(path, params)
+
+
+@dataclass(frozen=True)
+class CryoLikeTemplates(TemplateSource):
+    """A CryoLike template folder (``template_file_list.npy`` + ``templates_fourier_*.pt``)."""
+
+    files: tuple[str, ...] = ()
+    file_ids: tuple = field(default=(), repr=False)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, parameters: ImageParameters) -> CryoLikeTemplates:
+        paths = cl.read_template_list(folder)
+        return cls(
+            parameters,
+            tuple(cl.template_name(p) for p in paths),
+            tuple(str(p) for p in paths),
+            tuple(tuple(_file_id(p)) for p in paths),
+        )
+
+    def _all(self, structure: int) -> np.ndarray:
+        self.check_structure(structure)
+        return _load_templates_cached(
+            self.files[structure], self.file_ids[structure], self.parameters
+        )
+
+    def n_templates(self, structure: int) -> int:
+        self.check_structure(structure)
+        return self.parameters.viewing_angles.n_angles
+
+    def read(self, structure: int, start: int, stop: int) -> np.ndarray:
+        return self._all(structure)[start:stop]
+
+    def take(self, structure: int, indices: np.ndarray) -> np.ndarray:
+        return self._all(structure)[np.asarray(indices)]
+
+    def viewing_angles(self, structure: int) -> ViewingAngles:
+        return self.parameters.viewing_angles
+
+    def fingerprint(self, structure: int) -> dict[str, Any]:
+        return {"kind": "cryolike-templates", "file": list(self.file_ids[structure])}
+
+
+@lru_cache(maxsize=8)
+def _open_template_store(path: str) -> TemplateStore:
+    return TemplateStore.open(path)
+
+
+@dataclass(frozen=True)
+class ZarrTemplates(TemplateSource):
+    """A template store written by ``import-cryolike`` or ``make-templates``."""
+
+    path: str = ""
+    store_id: str = ""
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, parameters: ImageParameters | None = None
+    ) -> ZarrTemplates:
+        store = TemplateStore.open(path)
+        if parameters is not None:
+            diffs = parameters.incompatibilities(store.parameters)
+            if diffs:
+                raise StoreError(
+                    f"{path}: image parameters differ from the run's: " + "; ".join(diffs)
+                )
+        header = dict(store.group.attrs)["cryolike_dask"]
+        return cls(
+            parameters or store.parameters,
+            tuple(store.names),
+            str(path),
+            header.get("store_id", str(Path(path).resolve())),
+        )
+
+    def _store(self) -> TemplateStore:
+        return _open_template_store(self.path)
+
+    def n_templates(self, structure: int) -> int:
+        self.check_structure(structure)
+        return self._store().n_templates(structure)
+
+    def read(self, structure: int, start: int, stop: int) -> np.ndarray:
+        self.check_structure(structure)
+        return np.asarray(self._store().templates(structure)[start:stop])
+
+    def take(self, structure: int, indices: np.ndarray) -> np.ndarray:
+        self.check_structure(structure)
+        idx = np.asarray(indices)
+        unique, inverse = np.unique(idx, return_inverse=True)
+        arr = self._store().templates(structure)
+        rows = np.stack([np.asarray(arr[int(i)]) for i in unique]) if unique.size else None
+        if rows is None:
+            return np.empty((0, *arr.shape[1:]), arr.dtype)
+        return rows[inverse]
+
+    def viewing_angles(self, structure: int) -> ViewingAngles:
+        self.check_structure(structure)
+        return self._store().viewing_angles(structure)
+
+    def fingerprint(self, structure: int) -> dict[str, Any]:
+        return {
+            "kind": "zarr-templates",
+            "path": str(Path(self.path).resolve()),
+            "store_id": self.store_id,
+            "structure": structure,
+        }
+
+
+def open_templates(path: str | os.PathLike, parameters: ImageParameters) -> TemplateSource:
+    """A CryoLike template folder or a Zarr template store, whichever ``path`` is."""
+    p = Path(path)
+    if (p / cl.TEMPLATE_LIST).is_file():
+        return CryoLikeTemplates.open(p, parameters)
+    if (p / "zarr.json").is_file():
+        return ZarrTemplates.open(p, parameters)
+    raise cl.CryoLikeFolderError(
+        f"{p}: neither a CryoLike template folder (no {cl.TEMPLATE_LIST}) nor a Zarr template store"
+    )
+
+
+def open_particles(
+    path: str | os.PathLike,
+    parameters: ImageParameters,
+    n_stacks: int | None,
+    astigmatism_convention: str | None = None,
+) -> ImageSource:
+    """A CryoLike particle folder (``fft/``) or a Zarr image store, whichever ``path`` is."""
+    p = Path(path)
+    if (p / "zarr.json").is_file():
+        return ZarrImages.open(p, parameters, n_stacks)
+    if (p / "fft").is_dir():
+        n = cl.count_stacks(p) if n_stacks is None else n_stacks
+        return CryoLikeParticles.open(p, n, parameters, astigmatism_convention)
+    raise cl.CryoLikeFolderError(
+        f"{p}: neither a CryoLike particle folder (no fft/ inside) nor a Zarr image store"
+    )

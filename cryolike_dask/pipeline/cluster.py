@@ -1,0 +1,135 @@
+"""Where a run executes: a LocalCluster sized to the machine, or an existing Dask cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How to get a Dask client.
+
+    Attributes
+    ----------
+    scheduler_address : str, optional
+        Connect to this running scheduler (``tcp://host:8786``).
+    scheduler_file : str, optional
+        Connect through a scheduler file (``dask scheduler --scheduler-file``).
+    n_workers, threads_per_worker : int, optional
+        LocalCluster size; defaults depend on the device (see :func:`local_cluster_size`).
+    memory_limit : str or int, optional
+        Per-worker memory limit of the LocalCluster (default: machine memory / workers).
+    scheduler : str, optional
+        ``"sync"`` or ``"threads"`` to run without a distributed cluster (tests, debugging).
+    dashboard : bool
+        Start the LocalCluster's dashboard.
+    """
+
+    scheduler_address: str | None = None
+    scheduler_file: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str | int | None = None
+    scheduler: str | None = None
+    dashboard: bool = True
+
+
+def machine_memory() -> int:
+    """Total physical memory in bytes (4 GiB if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def cpu_count() -> int:
+    """CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def local_cluster_size(
+    device: str, n_workers: int | None = None, threads_per_worker: int | None = None
+) -> tuple[int, int]:
+    """``(workers, threads)``: one single-threaded worker per GPU, else per CPU core.
+
+    Worker processes run BLAS and FFTs single-threaded (Dask's nanny sets OMP/MKL/OpenBLAS
+    threads to 1), so workers × threads = cores does not oversubscribe the machine.
+    """
+    if device == "gpu":
+        return n_workers or 1, threads_per_worker or 1
+    cores = cpu_count()
+    threads = threads_per_worker or 1
+    return n_workers or max(1, cores // threads), threads
+
+
+@contextlib.contextmanager
+def get_client(options: ClusterOptions, device: str = "cpu") -> Iterator[Any]:
+    """Yield a ``distributed.Client`` (``None`` for a local scheduler); closes what it opened."""
+    if options.scheduler in ("sync", "synchronous", "threads", "processes"):
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if options.scheduler_address or options.scheduler_file:
+        client = Client(address=options.scheduler_address, scheduler_file=options.scheduler_file)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers, threads = local_cluster_size(device, options.n_workers, options.threads_per_worker)
+    memory = options.memory_limit or int(machine_memory() * 0.9 / workers)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        memory_limit=memory,
+        dashboard_address=":0" if options.dashboard else None,
+    )
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def worker_memory(client: Any, options: ClusterOptions, device: str) -> int:
+    """Memory available to one worker thread, for block planning (bytes)."""
+    if client is None:
+        return int(machine_memory() * 0.5)
+    info = (
+        client.scheduler_info(n_workers=-1)
+        if _accepts_n_workers(client)
+        else client.scheduler_info()
+    )
+    workers = list(info.get("workers", {}).values())
+    if not workers:
+        return int(machine_memory() * 0.5)
+    per = min(w.get("memory_limit") or machine_memory() for w in workers)
+    threads = max(w.get("nthreads", 1) for w in workers)
+    budget = per // max(threads, 1)
+    if device == "gpu":
+        budget = min(budget, gpu_free_memory())
+    return int(budget * 0.8)
+
+
+def _accepts_n_workers(client: Any) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def gpu_free_memory() -> int:
+    """Free memory of the current GPU in bytes."""
+    import cupy
+
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    return int(free)

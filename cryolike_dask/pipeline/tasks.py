@@ -1,0 +1,365 @@
+"""Functions that Dask runs on workers: load blocks, call kernels, shape their results.
+
+No likelihood math lives here: it only moves data to the right device, keeps per-worker caches
+of prepared template and image blocks, and calls :mod:`cryolike_dask.kernels`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from cryolike_dask.io.sources import ImageSource, TemplateSource
+from cryolike_dask.kernels import (
+    BlockOutputs,
+    BlockResult,
+    LikelihoodConstants,
+    correlate_block,
+    ctf_polar,
+    decode_pose,
+    optimal_pose_log_likelihood,
+    prepare_images,
+    prepare_templates,
+    to_host,
+    translation_kernel,
+)
+from cryolike_dask.kernels.reduction import LOG_SUM, POSE, SCORE, pack_partial
+from cryolike_dask.params.image import ImageParameters
+from cryolike_dask.precision import Precision
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Everything a kernel task needs besides its data (small, hashable, pickled into tasks).
+
+    Attributes
+    ----------
+    parameters : ImageParameters
+        Grids, box size and pixel count of the run.
+    displacements : tuple of (x, y) pairs
+        The displacement grid, Å.
+    precision : str
+        ``"single"`` or ``"double"``.
+    device : str
+        ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy).
+    outputs : BlockOutputs
+        Optional kernel outputs.
+    work_bytes : int
+        Kernel temporaries budget.
+    template_cache_bytes : int
+        Per-worker budget for prepared template blocks.
+    fft_workers : int or None
+        Threads for SciPy's FFT (CPU).
+    """
+
+    parameters: ImageParameters
+    displacements: tuple[tuple[float, float], ...]
+    precision: str = "single"
+    device: str = "cpu"
+    outputs: BlockOutputs = field(default_factory=BlockOutputs)
+    work_bytes: int = 256 * 2**20
+    template_cache_bytes: int = 2 * 2**30
+    fft_workers: int | None = None
+
+    @property
+    def n_displacements(self) -> int:
+        return len(self.displacements)
+
+    @property
+    def displacement_array(self) -> np.ndarray:
+        """float32 ``[2, D]``."""
+        return np.asarray(self.displacements, dtype=np.float32).T.copy()
+
+    @property
+    def likelihood(self) -> LikelihoodConstants:
+        return LikelihoodConstants.for_grid(
+            self.parameters.polar_grid, self.parameters.cartesian_grid.n_pixels_total
+        )
+
+    def xp(self) -> ModuleType:
+        if self.device == "gpu":
+            import cupy
+
+            return cupy
+        return np
+
+
+@dataclass(frozen=True)
+class ImageBlock:
+    """Raw images ``[start, stop)`` of a source, on the host."""
+
+    start: int
+    stop: int
+    images: np.ndarray
+    lens: dict[str, np.ndarray]
+    convention: str
+    key: str
+
+    @property
+    def n_images(self) -> int:
+        return self.stop - self.start
+
+
+# ------------------------------------------------------------------------------ caches
+class _LRU:
+    """A small thread-safe LRU cache bounded by item count and bytes."""
+
+    def __init__(self, max_items: int, max_bytes: int | None = None):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[Any, threading.Lock] = {}
+
+    def get_or_create(self, key: Any, make: Any, nbytes: Any) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key][0]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one thread builds a given entry; others wait for it
+            with self._lock:
+                if key in self._data:
+                    self._data.move_to_end(key)
+                    return self._data[key][0]
+            value = make()
+            size = int(nbytes(value))
+            with self._lock:
+                self._data[key] = (value, size)
+                self._evict()
+                self._key_locks.pop(key, None)
+            return value
+
+    def _evict(self) -> None:
+        while len(self._data) > self.max_items or (
+            self.max_bytes is not None
+            and len(self._data) > 1
+            and sum(s for _, s in self._data.values()) > self.max_bytes
+        ):
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_TEMPLATE_CACHE = _LRU(max_items=4096)  # bounded by template_cache_bytes
+_IMAGE_CACHE = _LRU(max_items=2)
+_STATS = {"templates_prepared": 0, "images_prepared": 0}
+
+
+def cache_stats() -> dict[str, int]:
+    """How many template and image blocks this process has prepared (for tests and profiling)."""
+    return dict(_STATS)
+
+
+def clear_caches() -> None:
+    """Drop every cached prepared block of this process."""
+    _TEMPLATE_CACHE.clear()
+    _IMAGE_CACHE.clear()
+
+
+# ------------------------------------------------------------------------------ tasks
+def load_image_block(source: ImageSource, start: int, stop: int) -> ImageBlock:
+    """Read images ``[start, stop)`` and their lens parameters from ``source``."""
+    images, lens = source.read(start, stop)
+    key = json.dumps([source.fingerprint(), start, stop], sort_keys=True, default=str)
+    return ImageBlock(start, stop, images, lens, getattr(source, "convention", "cryolike"), key)
+
+
+def block_ctf(settings: KernelSettings, block: ImageBlock, xp: ModuleType) -> Any:
+    """The images' CTF ``[m, N, W]`` on the device of ``xp``, float64."""
+    grid = settings.parameters.polar_grid
+    lens = block.lens
+    return ctf_polar(
+        xp.asarray(lens["defocus_u"]),
+        xp.asarray(lens["defocus_v"]),
+        xp.asarray(lens["defocus_angle"]),
+        xp.asarray(lens["phase_shift"]),
+        voltage_kv=xp.asarray(lens["voltage"]),
+        spherical_aberration_mm=xp.asarray(lens["spherical_aberration"]),
+        amplitude_contrast=xp.asarray(lens["amplitude_contrast"]),
+        radii=grid.radii,
+        theta=grid.theta,
+        box_size=settings.parameters.box_size[0],
+        convention=block.convention,
+    )
+
+
+def _prepared_templates(
+    settings: KernelSettings, templates: TemplateSource, structure: int, t0: int, t1: int
+) -> Any:
+    key = (
+        json.dumps(templates.fingerprint(structure), sort_keys=True),
+        structure,
+        t0,
+        t1,
+        settings.displacements,
+        settings.precision,
+        settings.device,
+    )
+    _TEMPLATE_CACHE.max_bytes = settings.template_cache_bytes
+
+    def make() -> Any:
+        xp = settings.xp()
+        grid = settings.parameters.polar_grid
+        d = settings.displacement_array
+        kernel = translation_kernel(
+            xp.asarray(grid.x_points),
+            xp.asarray(grid.y_points),
+            xp.asarray(d[0]),
+            xp.asarray(d[1]),
+            settings.parameters.box_size,
+        )
+        block = xp.asarray(templates.read(structure, t0, t1))
+        _STATS["templates_prepared"] += 1
+        return prepare_templates(
+            block,
+            kernel,
+            grid,
+            settings.precision,
+            workers=settings.fft_workers,
+            work_bytes=settings.work_bytes,
+        )
+
+    return _TEMPLATE_CACHE.get_or_create(key, make, lambda v: v.nbytes)
+
+
+def _prepared_images(settings: KernelSettings, block: ImageBlock) -> Any:
+    key = (block.key, settings.precision, settings.device)
+
+    def make() -> Any:
+        xp = settings.xp()
+        _STATS["images_prepared"] += 1
+        return prepare_images(
+            xp.asarray(block.images),
+            block_ctf(settings, block, xp),
+            settings.parameters.polar_grid,
+            settings.precision,
+            workers=settings.fft_workers,
+        )
+
+    return _IMAGE_CACHE.get_or_create(key, make, lambda v: v.nbytes)
+
+
+def correlate_task(
+    settings: KernelSettings,
+    templates: TemplateSource,
+    structure: int,
+    t0: int,
+    t1: int,
+    block: ImageBlock,
+) -> BlockResult:
+    """Run the block kernel for templates ``[t0, t1)`` of a structure × one image block.
+
+    Returns the :class:`BlockResult` on the host (pose indices local to the template block).
+    """
+    pt = _prepared_templates(settings, templates, structure, t0, t1)
+    pi = _prepared_images(settings, block)
+    log_prior = None
+    if settings.outputs.integrated_likelihood:
+        log_prior = templates.viewing_angles(structure).log_normalized_weights[t0:t1]
+    result = correlate_block(
+        pt,
+        pi,
+        settings.outputs,
+        likelihood=settings.likelihood,
+        log_prior=log_prior,
+        workers=settings.fft_workers,
+        work_bytes=settings.work_bytes,
+    )
+    return BlockResult(*(None if v is None else to_host(v) for v in result.__dict__.values()))
+
+
+def partial_of(result: BlockResult, t0: int, n_displacements: int, n_inplanes: int) -> np.ndarray:
+    """Packed partial ``[m, 3]`` with the pose made global (template offset ``t0``)."""
+    pose = result.best_pose + t0 * n_displacements * n_inplanes
+    return pack_partial(result.best_cross_correlation, pose, result.log_likelihood_sum)
+
+
+@dataclass(frozen=True)
+class PosesOut:
+    """Per-image results of one image block (host arrays, length ``m``)."""
+
+    cross_correlation: np.ndarray
+    optimal_template: np.ndarray
+    optimal_displacement_x: np.ndarray
+    optimal_displacement_y: np.ndarray
+    optimal_inplane_rotation: np.ndarray
+    log_likelihood_integrated_fourier: np.ndarray
+
+
+def finalize_block(settings: KernelSettings, reduced: np.ndarray) -> PosesOut:
+    """Decode reduced partials ``[m, 3]`` into poses (Å, rad) and the integrated likelihood."""
+    rdt = Precision.parse(settings.precision).resolve().real_dtype
+    n_d = settings.n_displacements
+    n_w = settings.parameters.n_inplanes
+    pose = reduced[:, POSE].astype(np.int64)
+    s, d, w = decode_pose(pose, n_d, n_w)
+    disp = settings.displacement_array
+    theta = settings.parameters.polar_grid.theta
+    ill = reduced[:, LOG_SUM] - (math.log(n_d) + math.log(n_w))
+    if not settings.outputs.integrated_likelihood:
+        ill = np.full_like(ill, np.nan)
+    return PosesOut(
+        reduced[:, SCORE].astype(rdt),
+        s.astype(np.int64),
+        disp[0, d].astype(rdt),
+        disp[1, d].astype(rdt),
+        theta[w].astype(rdt),
+        ill.astype(rdt),
+    )
+
+
+def optimal_likelihood_task(
+    settings: KernelSettings,
+    templates: TemplateSource,
+    structure: int,
+    block: ImageBlock,
+    poses: PosesOut,
+) -> np.ndarray:
+    """Log-likelihood of each image of the block at its optimal pose (spec §12); ``[m]``."""
+    xp = settings.xp()
+    chosen = xp.asarray(templates.take(structure, poses.optimal_template))
+    out = optimal_pose_log_likelihood(
+        chosen,
+        xp.asarray(block.images),
+        block_ctf(settings, block, xp),
+        xp.asarray(poses.optimal_displacement_x),
+        xp.asarray(poses.optimal_displacement_y),
+        xp.asarray(poses.optimal_inplane_rotation),
+        settings.parameters.polar_grid,
+        settings.parameters.box_size,
+        settings.parameters.cartesian_grid.n_pixels_total,
+        settings.precision,
+    )
+    return to_host(out.log_likelihood)
+
+
+def per_template_of(settings: KernelSettings, result: BlockResult, name: str) -> np.ndarray:
+    """One ``[m, s]`` per-template array of a kernel result (Å and rad for poses)."""
+    n_w = settings.parameters.n_inplanes
+    if name == "cross_correlation":
+        return result.cross_correlation_ms
+    if name == "log_likelihood_integrated_fourier":
+        if result.log_likelihood_ms is None:
+            raise ValueError("per-template integrated likelihood was not computed")
+        return result.log_likelihood_ms
+    d, w = result.pose_ms // n_w, result.pose_ms % n_w
+    rdt = result.cross_correlation_ms.dtype
+    if name == "optimal_displacement_x":
+        return settings.displacement_array[0, d].astype(rdt)
+    if name == "optimal_displacement_y":
+        return settings.displacement_array[1, d].astype(rdt)
+    if name == "optimal_inplane_rotation":
+        return settings.parameters.polar_grid.theta[w].astype(rdt)
+    raise KeyError(name)
