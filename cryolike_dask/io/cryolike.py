@@ -71,7 +71,7 @@ def read_template_list(folder: str | os.PathLike) -> list[Path]:
             raise CryoLikeFolderError(
                 f"{listing}: template file {entry!r} not found (tried {tried})"
             )
-        paths.append(found)
+        paths.append(found.resolve())
     return paths
 
 

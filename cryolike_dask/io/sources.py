@@ -86,10 +86,11 @@ class CryoLikeParticles(ImageSource):
                     f"{npz}: image parameters differ from the run's parameters: " + "; ".join(diffs)
                 )
             n = cl.stack_size(folder, i)
-            stacks.append(StackInfo(pt.stem, start, start + n, str(pt)))
+            stacks.append(StackInfo(pt.stem, start, start + n, str(pt.resolve())))
             start += n
             ids.append((*_file_id(pt), *_file_id(npz)))
-        return cls(parameters, tuple(stacks), str(folder), astigmatism_convention, tuple(ids))
+        folder = str(Path(folder).resolve())
+        return cls(parameters, tuple(stacks), folder, astigmatism_convention, tuple(ids))
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         images, lens = [], []
@@ -161,7 +162,7 @@ class ZarrImages(ImageSource):
         return cls(
             parameters or store.parameters,
             tuple(stacks),
-            str(path),
+            str(Path(path).resolve()),
             header.get("store_id", str(Path(path).resolve())),
             n_stacks,
         )
@@ -291,7 +292,7 @@ class ZarrTemplates(TemplateSource):
         return cls(
             parameters or store.parameters,
             tuple(store.names),
-            str(path),
+            str(Path(path).resolve()),
             header.get("store_id", str(Path(path).resolve())),
         )
 

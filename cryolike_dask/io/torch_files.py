@@ -58,7 +58,10 @@ def save_tensor(array: np.ndarray, path: str | os.PathLike) -> Path:
     import torch
 
     p = Path(path)
-    _atomic_save(torch.from_numpy(np.ascontiguousarray(array)), p)
+    arr = np.ascontiguousarray(array)
+    if not arr.flags.writeable:  # torch warns on read-only buffers; it never writes here
+        arr = arr.copy()
+    _atomic_save(torch.from_numpy(arr), p)
     return p
 
 

@@ -274,9 +274,12 @@ def _compute(stored: list, client: Any, scheduler: str | None, progress: bool) -
         return
     futures = client.compute(stored)
     if progress:
+        import sys
+
         from distributed import progress as dprogress
 
-        dprogress(futures, notebook=False)
+        # a terminal gets a live bar; a log file gets an update every few seconds
+        dprogress(futures, notebook=False, interval="100ms" if sys.stdout.isatty() else "2s")
     client.gather(futures)
 
 

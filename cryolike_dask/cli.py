@@ -1,0 +1,351 @@
+"""Command line: ``cryolike-dask COMMAND --help`` (also ``python -m cryolike_dask``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryolike_dask import __version__
+
+#: Errors that mean "bad input": printed as one line, exit status 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    IndexError,
+    PermissionError,
+)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument(
+        "--n-workers",
+        type=int,
+        metavar="W",
+        help="LocalCluster worker processes (default: one per core, or per GPU)",
+    )
+    g.add_argument("--threads-per-worker", type=int, metavar="T", help="threads per worker (1)")
+    g.add_argument(
+        "--memory-limit",
+        metavar="BYTES",
+        help="LocalCluster memory per worker, e.g. 4GB (default: machine / workers)",
+    )
+    g.add_argument(
+        "--scheduler-address",
+        metavar="A",
+        help="connect to a running Dask scheduler (tcp://host:8786) instead",
+    )
+    g.add_argument("--scheduler-file", metavar="F", help="connect through a scheduler file")
+    g.add_argument(
+        "--scheduler",
+        choices=["sync", "threads"],
+        help="run without a distributed cluster (debugging)",
+    )
+    g.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cluster(args: argparse.Namespace):
+    from cryolike_dask.pipeline.cluster import ClusterOptions
+
+    return ClusterOptions(
+        scheduler_address=args.scheduler_address,
+        scheduler_file=args.scheduler_file,
+        n_workers=args.n_workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=args.memory_limit,
+        scheduler=args.scheduler,
+        dashboard=not args.no_dashboard,
+    )
+
+
+# ------------------------------------------------------------------------------ likelihood
+def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "likelihood",
+        help="cross-correlations, optimal poses and likelihoods of images against structures",
+        description=(
+            "Compare every image with every template of one or more structures over all "
+            "in-plane rotations and a grid of displacements. Writes CryoLike's output files "
+            "(OUTPUT/templateN/...) and OUTPUT/results.zarr."
+        ),
+    )
+    p.add_argument(
+        "--templates",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="CryoLike template folder (template_file_list.npy) or Zarr template store",
+    )
+    p.add_argument(
+        "--particles",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="CryoLike particle folder (fft/...) or Zarr image store",
+    )
+    p.add_argument(
+        "--params",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="image parameters (CryoLike's parameters.npz)",
+    )
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--i-template",
+        type=int,
+        default=0,
+        metavar="N",
+        help="index of the template file (structure) in the list (default 0)",
+    )
+    which.add_argument(
+        "--all-templates", action="store_true", help="every structure of the template list"
+    )
+    p.add_argument(
+        "--n-stacks", type=int, metavar="K", help="process particle stacks 0..K-1 (default: all)"
+    )
+    d = p.add_argument_group("displacement search (CryoLike's configure_displacement)")
+    d.add_argument(
+        "--max-displacement-pixels",
+        type=float,
+        default=8.0,
+        metavar="F",
+        help="search ±F pixels (default 8)",
+    )
+    d.add_argument(
+        "--n-displacements-x",
+        type=int,
+        default=-1,
+        metavar="NX",
+        help="displacements along x; -1 = no search along x (default)",
+    )
+    d.add_argument(
+        "--n-displacements-y",
+        type=int,
+        default=-1,
+        metavar="NY",
+        help="displacements along y; -1 = no search along y (default)",
+    )
+    o = p.add_argument_group("outputs (the optimal pose is always written)")
+    o.add_argument(
+        "--integrated-likelihood",
+        action="store_true",
+        help="integrated log-likelihood per image (marginalised over poses)",
+    )
+    o.add_argument(
+        "--optimal-pose-likelihood",
+        action="store_true",
+        help="log-likelihood at the optimal pose per image",
+    )
+    o.add_argument(
+        "--per-template",
+        action="store_true",
+        help="[M_stack, S] best cross-correlation and pose per image and template",
+    )
+    o.add_argument(
+        "--full-cross-correlation",
+        action="store_true",
+        help="the full [M, S, D, W] cross-correlation tensor (large)",
+    )
+    o.add_argument(
+        "--no-pt", action="store_true", help="write only results.zarr, not CryoLike's .pt files"
+    )
+    r = p.add_argument_group("execution")
+    r.add_argument(
+        "--skip-exist",
+        action="store_true",
+        help="skip stacks whose outputs are complete (checked) and resume "
+        "unfinished runs without recomputing finished blocks",
+    )
+    r.add_argument(
+        "--templates-per-block",
+        type=int,
+        metavar="T",
+        help="templates per Dask task (default: planned from worker memory)",
+    )
+    r.add_argument(
+        "--images-per-block",
+        type=int,
+        metavar="I",
+        help="images per Dask task (default: planned from worker memory)",
+    )
+    r.add_argument(
+        "--max-tasks-per-graph",
+        type=int,
+        default=10_000,
+        metavar="K",
+        help="kernel tasks per submitted Dask graph; larger runs go in batches (default 10000)",
+    )
+    r.add_argument(
+        "--precision",
+        choices=["single", "double"],
+        help="working precision (default: the parameters' precision)",
+    )
+    r.add_argument(
+        "--device",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="run the kernels on the GPU (CuPy) or the CPU (NumPy) (default auto)",
+    )
+    r.add_argument(
+        "--astigmatism-convention",
+        choices=["cryolike", "relion"],
+        help="override how CTF astigmatism angles of CryoLike stacks are read",
+    )
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_likelihood)
+
+
+def _cmd_likelihood(args: argparse.Namespace) -> int:
+    from cryolike_dask.grids.displacement import DisplacementGrid
+    from cryolike_dask.io.exports import OutputRequest
+    from cryolike_dask.io.sources import open_particles, open_templates
+    from cryolike_dask.kernels.backend import has_gpu
+    from cryolike_dask.params.image import ImageParameters
+    from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood
+
+    params = ImageParameters.load(args.params)
+    templates = open_templates(args.templates, params)
+    images = open_particles(args.particles, params, args.n_stacks, args.astigmatism_convention)
+    structures = tuple(range(templates.n_structures)) if args.all_templates else (args.i_template,)
+    displacements = DisplacementGrid.from_search(
+        args.max_displacement_pixels,
+        args.n_displacements_x,
+        args.n_displacements_y,
+        params.pixel_size[0],
+    )
+    device = ("gpu" if has_gpu() else "cpu") if args.device == "auto" else args.device
+    run = LikelihoodRun(
+        templates=templates,
+        images=images,
+        output=args.output,
+        structures=structures,
+        displacements=displacements,
+        request=OutputRequest(
+            optimal_pose=True,
+            integrated=args.integrated_likelihood,
+            optimal_likelihood=args.optimal_pose_likelihood,
+            per_template=args.per_template,
+            full=args.full_cross_correlation,
+        ),
+        precision=args.precision or params.precision.resolve().value,
+        device=device,
+        templates_per_block=args.templates_per_block,
+        images_per_block=args.images_per_block,
+        skip_exist=args.skip_exist,
+        export_pt=not args.no_pt,
+        max_tasks=args.max_tasks_per_graph,
+    )
+    print(
+        f"cryolike-dask {__version__}: {images.n_images} images × "
+        f"{', '.join(templates.names[k] for k in structures)} on {device}"
+    )
+    report = run_likelihood(run, _cluster(args), progress=not args.no_progress)
+    print(
+        f"done in {report.seconds:.1f} s: {report.blocks_computed} blocks computed, "
+        f"{report.blocks_skipped} already done; {report.stacks_exported} stacks written, "
+        f"{report.stacks_skipped} complete already; "
+        f"{report.poses_per_second:.3g} pose evaluations/s"
+    )
+    print(f"outputs: {args.output}/template*/ and {args.output}/results.zarr")
+    return 0
+
+
+# ------------------------------------------------------------------------------ import
+def _import_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-cryolike",
+        help="copy CryoLike template and particle folders into Zarr stores",
+        description="Writes OUTPUT/templates.zarr and OUTPUT/particles.zarr (either may be "
+        "skipped). The stores can replace the folders in 'likelihood'.",
+    )
+    p.add_argument(
+        "--params",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="image parameters (parameters.npz)",
+    )
+    p.add_argument("--templates", type=Path, metavar="DIR", help="CryoLike template folder")
+    p.add_argument("--particles", type=Path, metavar="DIR", help="CryoLike particle folder")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--n-stacks", type=int, metavar="K", help="import stacks 0..K-1 (default all)")
+    p.add_argument(
+        "--images-per-chunk",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="Zarr chunk size along images (default 1024)",
+    )
+    p.add_argument(
+        "--astigmatism-convention",
+        choices=["cryolike", "relion"],
+        help="CTF convention to record (default cryolike)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing stores")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from cryolike_dask.io.imports import import_cryolike_particles, import_cryolike_templates
+    from cryolike_dask.params.image import ImageParameters
+
+    if args.templates is None and args.particles is None:
+        raise ValueError("nothing to import: give --templates and/or --particles")
+    params = ImageParameters.load(args.params)
+    if args.templates is not None:
+        path = import_cryolike_templates(
+            args.templates, params, args.output / "templates.zarr", overwrite=args.overwrite
+        )
+        print(f"templates: {path}")
+    if args.particles is not None:
+        path = import_cryolike_particles(
+            args.particles,
+            params,
+            args.output / "particles.zarr",
+            n_stacks=args.n_stacks,
+            astigmatism_convention=args.astigmatism_convention,
+            overwrite=args.overwrite,
+            chunk_images=args.images_per_chunk,
+        )
+        print(f"particles: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cryolike-dask`` argument parser with all its commands."""
+    parser = argparse.ArgumentParser(
+        prog="cryolike-dask",
+        description="Cryo-EM image-to-structure likelihoods (CryoLike's math) on Dask.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _likelihood_parser(sub)
+    _import_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with a one-line message)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    warnings.simplefilter("default", UserWarning)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"cryolike-dask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

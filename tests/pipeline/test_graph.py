@@ -1,0 +1,168 @@
+"""The batch graph: block sizes do not change results; building it is lazy and bounded."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+
+from cryolike_dask.grids import DisplacementGrid
+from cryolike_dask.io.sources import ImageSource, TemplateSource
+from cryolike_dask.io.zarr_stores import StackInfo
+from cryolike_dask.kernels import BlockOutputs
+from cryolike_dask.params import ImageParameters
+from cryolike_dask.pipeline import tasks
+from cryolike_dask.pipeline.graph import build_batch_graph
+from cryolike_dask.pipeline.plan import MAX_TASKS_PER_GRAPH, plan_blocks
+
+
+def _settings(ref, **outputs):
+    d = ref["displacements"]
+    return tasks.KernelSettings(
+        ref["params"],
+        tuple(zip(d.x.tolist(), d.y.tolist(), strict=True)),
+        "single",
+        "cpu",
+        BlockOutputs(**outputs),
+    )
+
+
+def _ranges(n, b):
+    return [(a, min(n, a + b)) for a in range(0, n, b)]
+
+
+def _compute(ref, ib, tb, split_every=8, scheduler="sync"):
+    settings = _settings(ref, full=True, integrated_likelihood=True)
+    g = build_batch_graph(
+        settings,
+        ref["templates"],
+        0,
+        ref["images"],
+        _ranges(24, ib),
+        _ranges(96, tb),
+        optimal_likelihood=True,
+        per_template=True,
+        split_every=split_every,
+    )
+    return g, dask.compute(
+        g.poses, g.optimal_likelihood, g.per_template, g.full, scheduler=scheduler
+    )
+
+
+def _assert_same(a, b):
+    poses_a, opt_a, pt_a, full_a = a
+    poses_b, opt_b, pt_b, full_b = b
+    for key in poses_a:
+        if key == "log_likelihood_integrated_fourier":
+            np.testing.assert_allclose(poses_a[key], poses_b[key], rtol=0, atol=1e-3)
+        else:
+            np.testing.assert_allclose(poses_a[key], poses_b[key], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(poses_a["optimal_template"], poses_b["optimal_template"])
+    np.testing.assert_allclose(opt_a, opt_b, rtol=1e-6)
+    np.testing.assert_allclose(full_a, full_b, rtol=0, atol=1e-6)
+    for key in pt_a:
+        atol = 1e-3 if key.startswith("log") else 1e-6
+        np.testing.assert_allclose(pt_a[key], pt_b[key], rtol=0, atol=atol)
+
+
+def test_one_block_equals_many_small_blocks(ref_inputs) -> None:
+    g1, whole = _compute(ref_inputs, 24, 96)
+    g2, small = _compute(ref_inputs, 7, 5, split_every=3)
+    assert (g1.n_kernel_tasks, g2.n_kernel_tasks) == (1, 4 * 20)
+    _assert_same(whole, small)
+    # the single-block result is CryoLike's (tested in detail in tests/kernels)
+    np.testing.assert_array_equal(
+        whole[0]["optimal_template"], ref_inputs["outputs"]["t0_optimal_template"]
+    )
+
+
+def test_split_every_does_not_matter(ref_inputs) -> None:
+    _, a = _compute(ref_inputs, 5, 7, split_every=2)
+    _, b = _compute(ref_inputs, 5, 7, split_every=16)
+    _assert_same(a, b)
+
+
+def test_many_blocks_on_local_cluster(ref_inputs, local_client) -> None:
+    _, whole = _compute(ref_inputs, 24, 96)
+    settings = _settings(ref_inputs, full=True, integrated_likelihood=True)
+    g = build_batch_graph(
+        settings,
+        ref_inputs["templates"],
+        0,
+        ref_inputs["images"],
+        _ranges(24, 7),
+        _ranges(96, 5),
+        optimal_likelihood=True,
+        per_template=True,
+        split_every=3,
+    )
+    result = dask.compute(
+        g.poses, g.optimal_likelihood, g.per_template, g.full, scheduler=local_client.get
+    )
+    _assert_same(whole, result)
+    # the work ran in two worker processes
+    assert len(local_client.scheduler_info()["workers"]) == 2
+
+
+class _Placeholder(ImageSource, TemplateSource):
+    """Sources of the right sizes that fail if anything is read."""
+
+    def read(self, *args):
+        raise AssertionError("building a graph must not read data")
+
+    def fingerprint(self, *args):
+        return {"placeholder": True}
+
+    def n_templates(self, structure):
+        return 10_000
+
+
+def test_planning_a_huge_run_is_lazy_and_bounded() -> None:
+    params = ImageParameters.from_values(128, 1.0, n_inplanes=256)
+    grid = params.polar_grid
+    n_images, n_templates = 10**6, 10**4
+    disp = DisplacementGrid.from_search(2, 5, 5, 1.0)
+    plan = plan_blocks(
+        n_images, n_templates, grid.n_shells, grid.n_inplanes, 25, memory_bytes=8 * 2**30
+    )
+    batches = plan.batches()
+    assert sorted(b for batch in batches for b in batch) == list(range(plan.n_image_blocks))
+    assert max(len(b) for b in batches) * plan.n_template_blocks <= MAX_TASKS_PER_GRAPH
+    placeholder = _Placeholder.__new__(_Placeholder)
+    object.__setattr__(placeholder, "parameters", params)
+    object.__setattr__(placeholder, "stacks", (StackInfo("s", 0, n_images),))
+    object.__setattr__(placeholder, "names", ("big",))
+    settings = tasks.KernelSettings(
+        params, tuple(zip(disp.x.tolist(), disp.y.tolist(), strict=True))
+    )
+    image_ranges = plan.image_ranges()
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("building the graph must not compute anything")
+
+    with dask.config.set(scheduler=no_compute):
+        g = build_batch_graph(
+            settings,
+            placeholder,
+            0,
+            placeholder,
+            [image_ranges[b] for b in batches[0]],
+            plan.template_ranges(),
+            optimal_likelihood=True,
+        )
+    layers = g.poses["cross_correlation"].dask.layers
+    kernel_tasks = sum(len(layer) for name, layer in layers.items() if name.startswith("cc-kernel"))
+    assert kernel_tasks == g.n_kernel_tasks <= MAX_TASKS_PER_GRAPH
+    assert g.poses["cross_correlation"].shape == (
+        sum(b - a for a, b in (image_ranges[i] for i in batches[0])),
+    )
+
+
+def test_reading_errors_surface_from_tasks(ref_inputs) -> None:
+    settings = _settings(ref_inputs)
+    bad = _Placeholder.__new__(_Placeholder)
+    object.__setattr__(bad, "parameters", ref_inputs["params"])
+    object.__setattr__(bad, "stacks", (StackInfo("s", 0, 24),))
+    g = build_batch_graph(settings, ref_inputs["templates"], 0, bad, [(0, 24)], [(0, 96)])
+    with pytest.raises(AssertionError, match="must not read"):
+        g.poses["cross_correlation"].compute(scheduler="sync")
