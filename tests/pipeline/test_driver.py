@@ -181,3 +181,17 @@ def test_several_structures_and_bad_index(ref_inputs, tmp_path) -> None:
             progress=False,
             log=_quiet,
         )
+
+
+def test_connects_to_a_running_scheduler(uninterrupted, ref_inputs, local_client, tmp_path) -> None:
+    from cryolike_dask.pipeline import ClusterOptions, run_likelihood
+
+    messages: list[str] = []
+    options = ClusterOptions(scheduler_address=local_client.scheduler.address)
+    report = run_likelihood(
+        _run(ref_inputs, tmp_path), options, progress=False, log=messages.append
+    )
+    assert report.blocks_computed == 5
+    got, expected = _pt_files(tmp_path), uninterrupted[2]
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-3, err_msg=key)
