@@ -318,6 +318,250 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ make-params
+def _params_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-params",
+        help="write the image parameters (CryoLike's parameters.npz)",
+        description="Writes the parameters that fix the polar grid, viewing directions and "
+        "atom model (CryoLike's ImageDescriptor.from_individual_values).",
+    )
+    p.add_argument("--n-pixels", type=int, required=True, metavar="N", help="image size, pixels")
+    p.add_argument("--pixel-size", type=float, required=True, metavar="A", help="pixel size, Å")
+    p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the .npz to write")
+    p.add_argument("--precision", choices=["single", "double"], default="single")
+    p.add_argument(
+        "--resolution-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="polar grid radius as a fraction of Nyquist (default 1)",
+    )
+    p.add_argument(
+        "--viewing-distance",
+        type=float,
+        metavar="VD",
+        help="spacing of viewing directions on the unit sphere (default 1/(4π F))",
+    )
+    p.add_argument(
+        "--n-inplanes", type=int, metavar="W", help="in-plane angles (default 2 × n_pixels)"
+    )
+    p.add_argument(
+        "--atom-radii", type=float, metavar="R", help="atom radius in Å (with --no-residue-model)"
+    )
+    p.add_argument(
+        "--atom-selection",
+        default="name CA",
+        metavar="SEL",
+        help="atoms used with --no-residue-model (default 'name CA')",
+    )
+    p.add_argument(
+        "--no-residue-model",
+        action="store_true",
+        help="do not use CryoLike's per-residue radii on CA atoms",
+    )
+    p.add_argument("--atom-shape", choices=["gaussian", "hard-sphere"], default="gaussian")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_params)
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from cryolike_dask.params.image import ImageParameters
+
+    params = ImageParameters.from_values(
+        args.n_pixels,
+        args.pixel_size,
+        precision=args.precision,
+        resolution_factor=args.resolution_factor,
+        viewing_distance=args.viewing_distance,
+        n_inplanes=args.n_inplanes,
+        atom_radii=args.atom_radii,
+        atom_selection=args.atom_selection,
+        use_protein_residue_model=not args.no_residue_model,
+        atom_shape=args.atom_shape,
+    )
+    path = params.save(args.output, overwrite=args.overwrite)
+    grid = params.polar_grid
+    print(
+        f"{path}: {params.n_pixels[0]} px of {params.pixel_size[0]:g} Å, {grid.n_shells} "
+        f"shells × {grid.n_inplanes} angles, {params.viewing_angles.n_angles} viewing "
+        "directions"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------ make-templates
+def _templates_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-templates",
+        help="project density maps and atomic models into template stacks",
+        description="One template per viewing direction of the parameters, for each input "
+        "(.mrc/.map/.mrcs maps, .pdb/.cif models). Writes OUTPUT/templates.zarr and CryoLike's "
+        "OUTPUT/templates_fourier_NAME.pt + template_file_list.npy.",
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="image parameters (parameters.npz)",
+    )
+    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="maps and models")
+    p.add_argument(
+        "--atom-shape",
+        choices=["gaussian", "hard-sphere"],
+        help="override the parameters' atom shape",
+    )
+    p.add_argument(
+        "--voxel-size",
+        type=float,
+        metavar="A",
+        help="map voxel size in Å, overriding the MRC header",
+    )
+    p.add_argument(
+        "--templates-per-block",
+        type=int,
+        metavar="T",
+        help="viewing directions per Dask task (default: from a 256 MiB budget)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_templates)
+
+
+def _cmd_templates(args: argparse.Namespace) -> int:
+    from cryolike_dask.params.image import ImageParameters
+    from cryolike_dask.pipeline.make_templates import make_templates
+
+    params = ImageParameters.load(args.params)
+    paths = make_templates(
+        args.inputs,
+        params,
+        args.output,
+        templates_per_block=args.templates_per_block,
+        atom_shape=args.atom_shape,
+        voxel_size=args.voxel_size,
+        overwrite=args.overwrite,
+        cluster=_cluster(args),
+        progress=not args.no_progress,
+    )
+    for path in paths:
+        print(f"templates: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ convert-particles
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-particles",
+        help="particle stacks + STAR/cryoSPARC metadata → polar Fourier stacks",
+        description="Centre, max-normalise, NUFFT to the polar grid and unit-normalise particle "
+        "images, with their CTF parameters. Input forms: --mrcs ... --star ... (paired); "
+        "--star FILE --mrc-folder DIR (indexed RELION); --cs FILE --mrc-folder DIR; "
+        "--cryosparc-job DIR. Writes OUTPUT/particles.zarr and CryoLike's "
+        "OUTPUT/fft/particles_fourier_stack_NNNNNN.pt + .npz, in the metadata's row order.",
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="image parameters (parameters.npz)",
+    )
+    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--mrcs", nargs="+", type=Path, metavar="FILE", help="image stacks (paired)")
+    p.add_argument(
+        "--star",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="STAR file(s): paired with --mrcs, or one indexed STAR with --mrc-folder",
+    )
+    p.add_argument("--cs", type=Path, metavar="FILE", help="cryoSPARC .cs file")
+    p.add_argument(
+        "--mrc-folder",
+        type=Path,
+        metavar="DIR",
+        help="where the images named in the STAR/.cs file are",
+    )
+    p.add_argument("--cryosparc-job", type=Path, metavar="DIR", help="cryoSPARC job folder")
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        metavar="A",
+        help="pixel size in Å (default: from the metadata, else the MRC header)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="images per output stack (default 1024)",
+    )
+    p.add_argument(
+        "--downsample",
+        type=int,
+        default=1,
+        metavar="K",
+        help="average-pool the images by an even factor K first",
+    )
+    p.add_argument(
+        "--astigmatism-convention",
+        choices=["relion", "cryolike"],
+        default="relion",
+        help="how the CTF reads the defocus angle (default relion, exact for "
+        "RELION/cryoSPARC metadata; cryolike reproduces CryoLike)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from cryolike_dask.params.image import ImageParameters
+    from cryolike_dask.pipeline import convert_particles as cp
+
+    forms = [
+        bool(args.mrcs),
+        args.cs is not None,
+        args.cryosparc_job is not None,
+        bool(args.star) and not args.mrcs,
+    ]
+    if sum(forms) != 1:
+        raise ValueError(
+            "give exactly one input form: --mrcs ... --star ...; --star FILE --mrc-folder DIR; "
+            "--cs FILE --mrc-folder DIR; or --cryosparc-job DIR"
+        )
+    params = ImageParameters.load(args.params)
+    kw = {"pixel_size": args.pixel_size, "batch_size": args.batch_size}
+    if args.mrcs:
+        particles = cp.gather_paired(args.mrcs, args.star or [], **kw)
+    elif args.cryosparc_job is not None:
+        particles = cp.gather_cryosparc_job(args.cryosparc_job, **kw)
+    else:
+        if args.mrc_folder is None:
+            raise ValueError("--mrc-folder DIR is needed with an indexed --star or --cs")
+        if args.cs is not None:
+            particles = cp.gather_cs(args.cs, args.mrc_folder, **kw)
+        else:
+            if len(args.star) != 1:
+                raise ValueError("an indexed conversion takes one --star file")
+            particles = cp.gather_indexed_star(args.star[0], args.mrc_folder, **kw)
+    store = cp.convert_particles(
+        particles,
+        params,
+        args.output,
+        downsample=args.downsample,
+        convention=args.astigmatism_convention,
+        overwrite=args.overwrite,
+        cluster=_cluster(args),
+        progress=not args.no_progress,
+    )
+    print(f"particles: {store} and {args.output / 'fft'}/ ({len(particles.stacks)} stacks)")
+    return 0
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     """The ``cryolike-dask`` argument parser with all its commands."""
@@ -327,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _params_parser(sub)
+    _templates_parser(sub)
+    _convert_parser(sub)
     _likelihood_parser(sub)
     _import_parser(sub)
     return parser

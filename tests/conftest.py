@@ -54,3 +54,9 @@ def random_hermitian_stack(
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261123)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real and model test files (tests/data/{real,models,star}; see their READMEs)."""
+    return Path(__file__).parent / "data"

@@ -26,7 +26,17 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", [[], ["likelihood"], ["import-cryolike"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["likelihood"],
+        ["import-cryolike"],
+        ["make-params"],
+        ["make-templates"],
+        ["convert-particles"],
+    ],
+)
 def test_help(command: list[str]) -> None:
     out = _cli(*command, "--help")
     assert out.returncode == 0, out.stderr

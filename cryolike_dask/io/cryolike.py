@@ -189,6 +189,23 @@ def stack_size(particles: str | os.PathLike, i_stack: int) -> int:
     return int(np.atleast_1d(fields["defocusU"]).size)
 
 
+def write_stack_npz(
+    path: str | os.PathLike, params: ImageParameters, lens: LensParameters, extra: dict
+) -> Path:
+    """A particle stack's ``.npz``: image parameters, lens parameters (radians) and ``extra``.
+
+    The keys are CryoLike's (``save_combined_params``) plus ``astigmatism_convention`` and the
+    provenance fields in ``extra`` (``source_rows``, ``files``, ``idxs``, ...). Written
+    atomically; an existing file is replaced.
+    """
+    from cryolike_dask.params.npz import write_npz
+
+    fields = params.to_dict()
+    fields.update(lens.to_dict())
+    fields.update(extra)
+    return write_npz(path, fields, overwrite=True)
+
+
 # ------------------------------------------------------------------------------ outputs
 OPTIMAL_POSE_FILES = {
     "cross_correlation": ("cross_correlation", "cross_correlation"),

@@ -282,41 +282,58 @@ class TemplateStore:
         source: str = "",
         chunk_templates: int = 512,
     ) -> int:
-        """Append a structure; returns its index."""
+        """Append a structure with its templates; returns its index."""
         grid = self.parameters.polar_grid
         if templates.ndim != 3 or templates.shape[1:] != grid.shape:
             raise StoreError(
                 f"templates of {name!r} have shape {templates.shape}, expected [S, "
                 f"{grid.n_shells}, {grid.n_inplanes}]"
             )
-        if templates.shape[0] != angles.n_angles:
-            raise StoreError(
-                f"{name!r}: {templates.shape[0]} templates for {angles.n_angles} viewing angles"
-            )
+        arr = self.create_structure(
+            name, templates.shape[0], angles, source=source, chunk_templates=chunk_templates
+        )
+        arr[:] = templates.astype(arr.dtype, copy=False)
+        return self.n_structures - 1
+
+    def create_structure(
+        self,
+        name: str,
+        n_templates: int,
+        angles: ViewingAngles,
+        *,
+        source: str = "",
+        chunk_templates: int = 512,
+    ) -> zarr.Array:
+        """Append an empty structure of ``n_templates`` templates; returns its array to fill."""
+        grid = self.parameters.polar_grid
+        if n_templates != angles.n_angles:
+            raise StoreError(f"{name!r}: {n_templates} templates for {angles.n_angles} angles")
         index = self.n_structures
         sub = self.group.create_group(f"structure_{index}")
-        n = templates.shape[0]
-        chunk = max(1, min(chunk_templates, n))
+        chunk = max(1, min(chunk_templates, n_templates))
         arr = sub.create_array(
             "templates",
-            shape=templates.shape,
+            shape=(n_templates, *grid.shape),
             chunks=(chunk, *grid.shape),
             dtype=self.parameters.precision.complex_dtype,
             dimension_names=("template", "shell", "angle"),
             compressors=None,
             fill_value=0,
         )
-        arr[:] = templates.astype(arr.dtype, copy=False)
         for key in ("azimus", "polars", "gammas", "weights"):
             values = getattr(angles, key)
             a = sub.create_array(
-                key, shape=(n,), chunks=(n,), dtype=values.dtype, dimension_names=("template",)
+                key,
+                shape=(n_templates,),
+                chunks=(n_templates,),
+                dtype=values.dtype,
+                dimension_names=("template",),
             )
             a[:] = values
         sub.attrs.update({"name": name, "source": source})
         self.names.append(name)
         self.group.attrs["structures"] = list(self.names)
-        return index
+        return arr
 
     def _sub(self, structure: int) -> zarr.Group:
         if not 0 <= structure < self.n_structures:

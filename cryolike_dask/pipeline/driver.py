@@ -265,9 +265,11 @@ def _store_batch(
 def _compute(stored: list, client: Any, scheduler: str | None, progress: bool) -> None:
     if client is None:
         if progress:
+            import sys
+
             from dask.diagnostics import ProgressBar
 
-            with ProgressBar(minimum=1.0):
+            with ProgressBar(minimum=1.0, dt=0.1 if sys.stdout.isatty() else 5.0):
                 dask.compute(*stored, scheduler=scheduler or "threads")
         else:
             dask.compute(*stored, scheduler=scheduler or "threads")

@@ -1,0 +1,514 @@
+"""``convert-particles``: particle stacks + STAR/cryoSPARC metadata → polar Fourier stacks.
+
+Input forms (spec §14.3), all keeping the metadata's row order (CryoLike sorts by file name)
+and recording each image's source row and file:
+
+* paired: ``--mrcs A.mrcs B.mrcs --star A.star B.star`` (each STAR row ↔ the image at the
+  same position of its stack; output stacks never mix files, as CryoLike);
+* indexed RELION STAR: ``--star particles.star --mrc-folder DIR`` (``rlnImageName``);
+* cryoSPARC: ``--cs particles.cs --mrc-folder DIR`` (``blob/path``, ``blob/idx``);
+* a cryoSPARC job folder: ``--cryosparc-job DIR`` (``J*_passthrough_particles.cs`` and its
+  ``restack/`` or ``downsample/`` batch files).
+
+Everything is checked before any work starts; each output stack is one task that reads its
+images (memory-mapped, only the needed ones), centres and max-normalises them, NUFFTs them to
+the polar grid, unit-normalises them, and writes ``fft/particles_fourier_stack_NNNNNN.pt`` and
+``.npz``; the driver writes the same images into ``particles.zarr`` as stacks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cryolike_dask.io.cryolike import stack_paths, write_stack_npz
+from cryolike_dask.io.mrc import MrcFileError, mrc_info, read_images
+from cryolike_dask.io.particle_metadata import MetadataError, ParticleRecords, read_cs, read_star
+from cryolike_dask.io.torch_files import save_tensor
+from cryolike_dask.io.zarr_stores import ImageStore, StackInfo
+from cryolike_dask.params.image import ImageParameters
+from cryolike_dask.params.lens import LensParameters
+from cryolike_dask.pipeline.cluster import ClusterOptions, get_client
+from cryolike_dask.preprocess.particles import images_to_fourier
+
+#: Relative difference above which two pixel sizes are said to conflict.
+PIXEL_TOLERANCE = 1e-3
+
+
+class ConversionError(ValueError):
+    """The particle inputs cannot be converted (reported before any output is written)."""
+
+
+@dataclass(frozen=True)
+class ParticleSet:
+    """Every particle to convert, in output order.
+
+    Attributes
+    ----------
+    image_files : list of str
+        Distinct image files (resolved paths).
+    file_index, image_index : numpy.ndarray
+        Per particle: which file, and the 0-based image in it.
+    rows : numpy.ndarray
+        Per particle: its row in its metadata file.
+    metadata : list of str
+        Metadata file of each particle.
+    lens : LensParameters
+        CTF parameters (RELION convention).
+    pixel_size : float
+        Pixel size of the stored images, Å (before downsampling).
+    stacks : list of (start, stop)
+        Output stacks.
+    shape : (int, int)
+        Image size in pixels (array axes 0 and 1).
+    """
+
+    image_files: list[str]
+    file_index: np.ndarray
+    image_index: np.ndarray
+    rows: np.ndarray
+    metadata: list[str]
+    lens: LensParameters
+    pixel_size: float
+    stacks: list[tuple[int, int]]
+    shape: tuple[int, int]
+
+    @property
+    def n_particles(self) -> int:
+        return int(self.rows.size)
+
+
+def _concat_lens(parts: list[LensParameters]) -> LensParameters:
+    first = parts[0]
+    for p in parts[1:]:
+        for name in ("voltage", "spherical_aberration", "amplitude_contrast"):
+            if getattr(p, name) != getattr(first, name):
+                raise ConversionError(
+                    f"metadata files disagree on {name} ({getattr(first, name)} vs "
+                    f"{getattr(p, name)}); convert them separately"
+                )
+    cat = np.concatenate
+    return LensParameters(
+        cat([p.defocus_u for p in parts]),
+        cat([p.defocus_v for p in parts]),
+        cat([p.defocus_angle for p in parts]),
+        cat([p.phase_shift for p in parts]),
+        first.spherical_aberration,
+        first.voltage,
+        first.amplitude_contrast,
+        first.ctf_bfactor,
+        first.ctf_scalefactor,
+        first.astigmatism_convention,
+    )
+
+
+def _resolve(folder: Path, name: str, source: Path) -> Path:
+    raw = name.lstrip(">")
+    for cand in (Path(raw), folder / raw, folder / Path(raw).name):
+        if cand.is_file():
+            return cand.resolve()
+    raise ConversionError(
+        f"{source}: image file {name!r} not found (looked in {folder} as given and by file name)"
+    )
+
+
+def _pixel_size(
+    explicit: float | None, metadata: float | None, headers: list[tuple[Path, float]]
+) -> float:
+    """``--pixel-size`` > metadata > MRC header (spec §17.9: CryoLike demanded it given)."""
+    if explicit is not None:
+        if not explicit > 0:
+            raise ConversionError(f"--pixel-size must be positive, not {explicit}")
+        return float(explicit)
+    if metadata is not None and metadata > 0:
+        for path, h in headers:
+            if h > 0 and h != 1.0 and abs(h - metadata) > PIXEL_TOLERANCE * metadata:
+                warnings.warn(
+                    f"{path}: header voxel size {h:g} Å differs from the metadata's "
+                    f"{metadata:g} Å; using the metadata's",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return float(metadata)
+    values = {round(h, 6) for _, h in headers if h > 0}
+    if len(values) == 1:
+        return float(values.pop())
+    if len(values) > 1:
+        raise ConversionError(
+            "the image files' headers give different pixel sizes ("
+            + ", ".join(f"{p.name}: {h:g} Å" for p, h in headers)
+            + "); pass --pixel-size"
+        )
+    raise ConversionError(
+        "no pixel size: the metadata has none and the MRC headers say 0; pass --pixel-size"
+    )
+
+
+def _stacks(boundaries: list[tuple[int, int]], batch_size: int) -> list[tuple[int, int]]:
+    out = []
+    for start, stop in boundaries:
+        out += [(a, min(stop, a + batch_size)) for a in range(start, stop, batch_size)]
+    return out
+
+
+def _finish(
+    files: list[Path],
+    file_index: np.ndarray,
+    image_index: np.ndarray,
+    rows: np.ndarray,
+    metadata: list[str],
+    lens: LensParameters,
+    pixel: float,
+    boundaries: list[tuple[int, int]],
+    batch_size: int,
+) -> ParticleSet:
+    if batch_size < 1:
+        raise ConversionError(f"--batch-size must be at least 1, not {batch_size}")
+    shapes = {}
+    for f in files:
+        info = mrc_info(f)
+        shapes[f] = info.shape
+        used = image_index[file_index == files.index(f)]
+        if used.size and used.max() >= info.shape[0]:
+            raise ConversionError(
+                f"{f}: image {int(used.max()) + 1} (1-based) requested but the stack holds "
+                f"{info.shape[0]}"
+            )
+    sizes = {s[1:] for s in shapes.values()}
+    if len(sizes) != 1:
+        listing = ", ".join(f"{f.name}: {s[1]}×{s[2]}" for f, s in shapes.items())
+        raise ConversionError(f"image files have different image sizes ({listing})")
+    shape = sizes.pop()
+    return ParticleSet(
+        [str(f) for f in files],
+        file_index,
+        image_index,
+        rows,
+        metadata,
+        lens,
+        pixel,
+        _stacks(boundaries, batch_size),
+        shape,
+    )
+
+
+def gather_paired(
+    mrcs: list[str | os.PathLike],
+    stars: list[str | os.PathLike],
+    pixel_size: float | None = None,
+    batch_size: int = 1024,
+) -> ParticleSet:
+    """Stacks with paired STAR files (row ``k`` of a STAR ↔ image ``k`` of its stack)."""
+    if len(mrcs) != len(stars) or not mrcs:
+        raise ConversionError(
+            f"--mrcs and --star must list the same number of files ({len(mrcs)} vs {len(stars)})"
+        )
+    files, fidx, iidx, rows, meta, lenses, bounds, headers = [], [], [], [], [], [], [], []
+    start, meta_pixels = 0, set()
+    for k, (m, s) in enumerate(zip(mrcs, stars, strict=True)):
+        info = mrc_info(m)
+        rec = read_star(s, indexed=False)
+        n = info.shape[0]
+        if rec.n_particles != n:
+            raise ConversionError(
+                f"{rec.source}: {rec.n_particles} rows but {info.path} holds {n} images"
+            )
+        files.append(info.path.resolve())
+        headers.append((info.path, info.voxel_size[0]))
+        fidx.append(np.full(n, k))
+        iidx.append(np.arange(n))
+        rows.append(rec.rows)
+        meta += [str(rec.source)] * n
+        lenses.append(rec.lens)
+        bounds.append((start, start + n))
+        start += n
+        if rec.pixel_size:
+            meta_pixels.add(round(rec.pixel_size, 6))
+    if len(meta_pixels) > 1:
+        raise ConversionError(f"the STAR files give different pixel sizes {sorted(meta_pixels)}")
+    pixel = _pixel_size(pixel_size, meta_pixels.pop() if meta_pixels else None, headers)
+    return _finish(
+        files,
+        np.concatenate(fidx),
+        np.concatenate(iidx),
+        np.concatenate(rows),
+        meta,
+        _concat_lens(lenses),
+        pixel,
+        bounds,
+        batch_size,
+    )
+
+
+def _gather_indexed(
+    rec: ParticleRecords, mrc_folder: str | os.PathLike, pixel_size: float | None, batch_size: int
+) -> ParticleSet:
+    folder = Path(mrc_folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: image folder not found")
+    assert rec.image_files is not None and rec.image_indices is not None
+    names = list(dict.fromkeys(rec.image_files))
+    resolved = {n: _resolve(folder, n, rec.source) for n in names}
+    files = list(dict.fromkeys(resolved.values()))
+    fidx = np.array([files.index(resolved[n]) for n in rec.image_files], dtype=np.int64)
+    headers = [(f, mrc_info(f).voxel_size[0]) for f in files]
+    pixel = _pixel_size(pixel_size, rec.pixel_size, headers)
+    n = rec.n_particles
+    return _finish(
+        files,
+        fidx,
+        rec.image_indices,
+        rec.rows,
+        [str(rec.source)] * n,
+        rec.lens,
+        pixel,
+        [(0, n)],
+        batch_size,
+    )
+
+
+def gather_indexed_star(
+    star: str | os.PathLike,
+    mrc_folder: str | os.PathLike,
+    pixel_size: float | None = None,
+    batch_size: int = 1024,
+) -> ParticleSet:
+    """An indexed RELION STAR (``rlnImageName = NNNNNN@file``) and its image folder."""
+    return _gather_indexed(read_star(star, indexed=True), mrc_folder, pixel_size, batch_size)
+
+
+def gather_cs(
+    cs: str | os.PathLike,
+    mrc_folder: str | os.PathLike,
+    pixel_size: float | None = None,
+    batch_size: int = 1024,
+) -> ParticleSet:
+    """A cryoSPARC ``.cs`` file (``blob/path``, ``blob/idx``) and its image folder."""
+    return _gather_indexed(read_cs(cs, indexed=True), mrc_folder, pixel_size, batch_size)
+
+
+def gather_cryosparc_job(
+    job: str | os.PathLike, pixel_size: float | None = None, batch_size: int = 1024
+) -> ParticleSet:
+    """A cryoSPARC job folder: ``J*_passthrough_particles.cs`` with ``restack/`` (preferred)
+    or ``downsample/`` batch files ``batch_NNNNNN_*.mrc``, read in order; CTF rows are consumed
+    in the same order."""
+    folder = Path(job)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: cryoSPARC job folder not found")
+    cs_files = sorted(folder.glob("*_passthrough_particles.cs"))
+    if len(cs_files) != 1:
+        raise ConversionError(
+            f"{folder}: expected one *_passthrough_particles.cs, found {len(cs_files)}"
+        )
+    rec = read_cs(cs_files[0], indexed=False)
+    for sub, pattern in (
+        ("restack", "batch_{:06d}_restacked.mrc"),
+        ("downsample", "batch_{:06d}_downsample.mrc"),
+    ):
+        batches = []
+        i = 0
+        while (folder / sub / pattern.format(i)).is_file():
+            batches.append((folder / sub / pattern.format(i)).resolve())
+            i += 1
+        if batches:
+            break
+    else:
+        raise ConversionError(f"{folder}: no restack/ or downsample/ batch_000000_*.mrc files")
+    counts = [mrc_info(b).shape[0] for b in batches]
+    if sum(counts) != rec.n_particles:
+        raise ConversionError(
+            f"{cs_files[0]}: {rec.n_particles} rows but the {len(batches)} batch files hold "
+            f"{sum(counts)} images"
+        )
+    fidx = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
+    iidx = np.concatenate([np.arange(c) for c in counts])
+    headers = [(b, mrc_info(b).voxel_size[0]) for b in batches]
+    pixel = _pixel_size(pixel_size, rec.pixel_size, headers)
+    n = rec.n_particles
+    return _finish(
+        batches, fidx, iidx, rec.rows, [str(rec.source)] * n, rec.lens, pixel, [(0, n)], batch_size
+    )
+
+
+def check_against_parameters(
+    particles: ParticleSet, params: ImageParameters, downsample: int = 1
+) -> None:
+    """Image size and pixel size (after downsampling) must be the parameters'."""
+    if downsample != 1 and (downsample < 1 or downsample % 2):
+        raise ConversionError(f"--downsample must be 1 or an even factor, not {downsample}")
+    nx, ny = particles.shape
+    if nx % downsample or ny % downsample:
+        raise ConversionError(f"{nx}×{ny} images cannot be downsampled by {downsample}")
+    size = (nx // downsample, ny // downsample)
+    if size != params.n_pixels:
+        raise ConversionError(
+            f"images are {nx}×{ny} pixels"
+            + (
+                f" ({size[0]}×{size[1]} after downsampling by {downsample})"
+                if downsample > 1
+                else ""
+            )
+            + f" but the parameters' n_pixels is {params.n_pixels[0]}×{params.n_pixels[1]}"
+        )
+    pixel = particles.pixel_size * downsample
+    want = params.pixel_size[0]
+    if abs(pixel - want) > PIXEL_TOLERANCE * want:
+        raise ConversionError(
+            f"the images' pixel size is {pixel:g} Å"
+            + (f" after downsampling by {downsample}" if downsample > 1 else "")
+            + f" but the parameters' pixel_size is {want:g} Å"
+        )
+
+
+def read_particles(particles: ParticleSet, start: int, stop: int) -> np.ndarray:
+    """Images ``[start, stop)`` of the set, float32 ``[n, nx, ny]``, in set order."""
+    out = np.empty((stop - start, *particles.shape), dtype=np.float32)
+    fidx = particles.file_index[start:stop]
+    iidx = particles.image_index[start:stop]
+    for f in np.unique(fidx):
+        sel = np.flatnonzero(fidx == f)
+        out[sel] = read_images(particles.image_files[int(f)], iidx[sel])
+    return out
+
+
+def convert_stack(
+    particles: ParticleSet,
+    i_stack: int,
+    params: ImageParameters,
+    output: str,
+    downsample: int,
+    convention: str,
+) -> tuple[int, np.ndarray]:
+    """Convert one output stack and write its ``.pt`` and ``.npz`` (a Dask task)."""
+    start, stop = particles.stacks[i_stack]
+    images = read_particles(particles, start, stop)
+    fourier, _ = images_to_fourier(images, params.polar_grid, params.precision, downsample)
+    lens = particles.lens.subset(slice(start, stop)).with_convention(convention)
+    pt, npz = stack_paths(output, i_stack)
+    save_tensor(fourier, pt)
+    files = np.array([particles.image_files[i] for i in particles.file_index[start:stop]])
+    write_stack_npz(
+        npz,
+        params,
+        lens,
+        {
+            "n_images": np.int64(stop - start),
+            "stack_start": np.int64(start),
+            "stack_end": np.int64(stop),
+            "source_rows": particles.rows[start:stop],
+            "source_metadata": np.array(particles.metadata[start:stop]),
+            "files": files,
+            "idxs": particles.image_index[start:stop],
+        },
+    )
+    return i_stack, fourier
+
+
+def convert_particles(
+    particles: ParticleSet,
+    params: ImageParameters,
+    output: str | os.PathLike,
+    *,
+    downsample: int = 1,
+    convention: str = "relion",
+    overwrite: bool = False,
+    cluster: ClusterOptions | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Convert every stack; returns the path of ``particles.zarr``.
+
+    Refuses to replace existing outputs unless ``overwrite``.
+    """
+    check_against_parameters(particles, params, downsample)
+    out = Path(output)
+    store_path = out / "particles.zarr"
+    if not overwrite:
+        clash = [p for p in (store_path, *stack_paths(out, 0)) if p.exists()]
+        if clash:
+            raise FileExistsError(f"{clash[0]}: exists; pass --overwrite to replace it")
+    (out / "fft").mkdir(parents=True, exist_ok=True)
+    stacks = [
+        StackInfo(f"particles_fourier_stack_{i:06d}", a, b, str(stack_paths(out, i)[0]))
+        for i, (a, b) in enumerate(particles.stacks)
+    ]
+    store = ImageStore.create(
+        store_path,
+        params,
+        particles.n_particles,
+        chunk_images=max(b - a for a, b in particles.stacks),
+        stacks=stacks,
+        astigmatism_convention=convention,
+        overwrite=overwrite,
+    )
+    store.group.attrs["source_files"] = particles.image_files
+    log(
+        f"{particles.n_particles} particles from {len(particles.image_files)} file(s) → "
+        f"{len(particles.stacks)} stack(s), pixel {particles.pixel_size * downsample:g} Å"
+    )
+    cluster = cluster or ClusterOptions()
+    bar = _bar(len(particles.stacks), progress)
+    with get_client(cluster) as client:
+        if client is None:
+            for i in range(len(particles.stacks)):
+                _, fourier = convert_stack(particles, i, params, str(out), downsample, convention)
+                _write(store, particles, i, fourier, convention)
+                bar.update(1)
+        else:
+            from distributed import as_completed
+
+            if getattr(client, "dashboard_link", None):
+                log(f"Dask dashboard: {client.dashboard_link}")
+            futures = [
+                client.submit(
+                    convert_stack,
+                    particles,
+                    i,
+                    params,
+                    str(out),
+                    downsample,
+                    convention,
+                    pure=False,
+                )
+                for i in range(len(particles.stacks))
+            ]
+            for future in as_completed(futures):
+                i, fourier = future.result()
+                _write(store, particles, i, fourier, convention)
+                future.release()
+                bar.update(1)
+    bar.close()
+    return store_path
+
+
+def _write(
+    store: ImageStore, particles: ParticleSet, i: int, fourier: np.ndarray, convention: str
+) -> None:
+    a, b = particles.stacks[i]
+    store.write(a, fourier, particles.lens.subset(slice(a, b)).with_convention(convention))
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="stack", disable=not enabled, desc="converting")
+
+
+__all__ = [
+    "ConversionError",
+    "MetadataError",
+    "MrcFileError",
+    "ParticleSet",
+    "check_against_parameters",
+    "convert_particles",
+    "gather_cryosparc_job",
+    "gather_cs",
+    "gather_indexed_star",
+    "gather_paired",
+]

@@ -1,0 +1,1 @@
+"""Maps and models → templates; particle images → polar Fourier images (NUFFT, finufft)."""
