@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test install lint clean
+.PHONY: demo test install lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The built-in example end to end on a local Dask cluster: summary and PNG plots in demo_output/.
+demo: $(STAMP)
+	$(PY) -m cryolike_dask demo --output demo_output
+
 test: $(STAMP)
 	$(PY) -m ruff check cryolike_dask tests
 	$(PY) -m pytest -q
@@ -30,4 +34,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check cryolike_dask tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo_output

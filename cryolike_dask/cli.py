@@ -562,6 +562,135 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ demo
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on a built-in example (a few minutes)",
+        description="Templates of two apoferritin structures shipped with the package, "
+        "synthetic particles from one of them (known poses, CTF, noise) written as MRC + STAR, "
+        "conversion, likelihood on a local Dask cluster, a summary and PNG plots.",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("demo_output"),
+        metavar="DIR",
+        help="output folder (default demo_output)",
+    )
+    p.add_argument("--n-images", type=int, default=300, metavar="M", help="particles (300)")
+    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (0.1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _add_cluster_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cryolike_dask.demo import run_demo
+
+    summary = run_demo(
+        args.output,
+        n_images=args.n_images,
+        snr=args.snr,
+        seed=args.seed,
+        cluster=_cluster(args),
+        progress=not args.no_progress,
+    )
+    if summary.dashboard_link:
+        print(f"(the dashboard was at {summary.dashboard_link} while the cluster ran)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ stitch, plot
+def _stitch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stitch",
+        help="images × structures matrices from per-stack outputs",
+        description="Concatenates OUTPUT/templateN/*_stack_*.pt (ours or CryoLike's) into "
+        "[n_structures, n_images] matrices, written as .pt, .npy and matrices.zarr in "
+        "OUTPUT/likelihood_matrix/.",
+    )
+    p.add_argument("output", type=Path, metavar="OUTPUT", help="a likelihood output folder")
+    p.add_argument("--no-integrated", action="store_true", help="skip the integrated LL matrix")
+    p.add_argument("--no-optimal", action="store_true", help="skip the optimal-pose LL matrix")
+    p.add_argument("--no-cross-correlation", action="store_true", help="skip the cc matrix")
+    p.set_defaults(func=_cmd_stitch)
+
+
+def _cmd_stitch(args: argparse.Namespace) -> int:
+    from cryolike_dask.io.stitch import stitch
+
+    written = stitch(
+        args.output,
+        integrated=not args.no_integrated,
+        optimal=not args.no_optimal,
+        cross_correlation=not args.no_cross_correlation,
+    )
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _plot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="PNG plots of a likelihood output folder",
+        description="Cross-correlation per structure, log-likelihood differences and, with "
+        "--truth (synthetic data), pose errors; from OUTPUT/results.zarr.",
+    )
+    p.add_argument("output", type=Path, metavar="OUTPUT", help="a likelihood output folder")
+    p.add_argument("--plots", type=Path, metavar="DIR", help="where to write (OUTPUT/plots)")
+    p.add_argument("--truth", type=Path, metavar="FILE", help="truth.npz of synthetic particles")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from cryolike_dask.plots import plot_output_folder
+
+    for path in plot_output_folder(args.output, args.plots, args.truth):
+        print(f"plot: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ run
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the whole pipeline from one YAML config (resumable)",
+        description="make-params → make-templates → convert-particles → likelihood → stitch → "
+        "plots, from one validated YAML file (see deploy/examples/run_config.yaml). Completed "
+        "steps are skipped on a rerun; the likelihood resumes where it stopped.",
+    )
+    p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the pipeline config")
+    p.add_argument(
+        "--scheduler-file",
+        type=Path,
+        metavar="F",
+        help="use this running cluster (overrides the config's cluster section)",
+    )
+    p.add_argument(
+        "--scheduler-address",
+        metavar="A",
+        help="use this running scheduler (overrides the config's cluster section)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cryolike_dask.config import ClusterConfig, load_config, run_config
+
+    cfg = load_config(args.config)
+    if args.scheduler_file or args.scheduler_address:
+        cfg.cluster = ClusterConfig(
+            scheduler_file=args.scheduler_file, scheduler_address=args.scheduler_address
+        )
+    outputs = run_config(cfg, progress=not args.no_progress)
+    for name, path in outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     """The ``cryolike-dask`` argument parser with all its commands."""
@@ -571,11 +700,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _demo_parser(sub)
+    _run_parser(sub)
     _params_parser(sub)
     _templates_parser(sub)
     _convert_parser(sub)
     _likelihood_parser(sub)
     _import_parser(sub)
+    _stitch_parser(sub)
+    _plot_parser(sub)
     return parser
 
 

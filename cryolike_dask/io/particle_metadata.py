@@ -234,3 +234,34 @@ def read_cs(path: str | os.PathLike, indexed: bool = True) -> ParticleRecords:
         indices = np.asarray(data["blob/idx"], dtype=np.int64)
     pixel = float(np.asarray(data["blob/psize_A"]).ravel()[0]) if "blob/psize_A" in names else None
     return ParticleRecords(p, np.arange(data.size, dtype=np.int64), lens, files, indices, pixel)
+
+
+def write_star(path: str | os.PathLike, lens: LensParameters) -> Path:
+    """A RELION STAR file with one row of CTF parameters per image (angles in degrees).
+
+    ``lens`` must use RELION's convention (the angle is written as RELION reads it).
+    """
+    if lens.astigmatism_convention != "relion":
+        raise MetadataError("write_star needs lens parameters in RELION's convention")
+    p = Path(path)
+    header = [
+        "data_particles",
+        "",
+        "loop_",
+        "_rlnDefocusU #1",
+        "_rlnDefocusV #2",
+        "_rlnDefocusAngle #3",
+        "_rlnVoltage #4",
+        "_rlnSphericalAberration #5",
+        "_rlnAmplitudeContrast #6",
+        "_rlnPhaseShift #7",
+    ]
+    rows = [
+        f"{u:.3f} {v:.3f} {np.rad2deg(a):.6f} {lens.voltage:g} {lens.spherical_aberration:g} "
+        f"{lens.amplitude_contrast:g} {np.rad2deg(ph):.6f}"
+        for u, v, a, ph in zip(
+            lens.defocus_u, lens.defocus_v, lens.defocus_angle, lens.phase_shift, strict=True
+        )
+    ]
+    p.write_text("\n".join(header + rows) + "\n")
+    return p

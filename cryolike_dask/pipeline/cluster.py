@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,20 @@ class ClusterOptions:
     memory_limit: str | int | None = None
     scheduler: str | None = None
     dashboard: bool = True
+
+
+class _DropCancelledFeed(logging.Filter):
+    """Drop the scheduler's CancelledError log of a progress bar's feed when a cluster closes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+def _quiet_cancelled_feeds() -> None:
+    logger = logging.getLogger("distributed.scheduler")
+    if not any(isinstance(f, _DropCancelledFeed) for f in logger.filters):
+        logger.addFilter(_DropCancelledFeed())
 
 
 def machine_memory() -> int:
@@ -76,6 +92,8 @@ def get_client(options: ClusterOptions, device: str = "cpu") -> Iterator[Any]:
         yield None
         return
     from distributed import Client, LocalCluster
+
+    _quiet_cancelled_feeds()
 
     if options.scheduler_address or options.scheduler_file:
         client = Client(address=options.scheduler_address, scheduler_file=options.scheduler_file)
@@ -119,6 +137,18 @@ def worker_memory(client: Any, options: ClusterOptions, device: str) -> int:
     if device == "gpu":
         budget = min(budget, gpu_free_memory())
     return int(budget * 0.8)
+
+
+def total_threads(client: Any) -> int:
+    """Worker threads of the cluster (1 for a local scheduler)."""
+    if client is None:
+        return 1
+    info = (
+        client.scheduler_info(n_workers=-1)
+        if _accepts_n_workers(client)
+        else client.scheduler_info()
+    )
+    return max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
 
 
 def _accepts_n_workers(client: Any) -> bool:

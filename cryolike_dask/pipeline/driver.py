@@ -29,7 +29,12 @@ from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.io.zarr_stores import ResultsStore, StoreError, params_to_json
 from cryolike_dask.kernels import BlockOutputs
 from cryolike_dask.pipeline import plan as planning
-from cryolike_dask.pipeline.cluster import ClusterOptions, get_client, worker_memory
+from cryolike_dask.pipeline.cluster import (
+    ClusterOptions,
+    get_client,
+    total_threads,
+    worker_memory,
+)
 from cryolike_dask.pipeline.graph import POSE_FIELDS, BatchGraph, build_batch_graph
 from cryolike_dask.pipeline.tasks import KernelSettings
 from cryolike_dask.precision import Precision
@@ -326,6 +331,7 @@ def execute(
         work_bytes=run.work_bytes,
         max_tasks=run.max_tasks,
         split_every=run.split_every,
+        min_tasks=2 * total_threads(client),
     )
     results = _open_results(run, fp, plan, log)
     if (results.image_block, results.template_block) != (plan.image_block, plan.template_block):

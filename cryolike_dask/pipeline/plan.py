@@ -111,13 +111,15 @@ def plan_blocks(
     work_bytes: int = 256 * 2**20,
     max_tasks: int = MAX_TASKS_PER_GRAPH,
     split_every: int = 8,
+    min_tasks: int = 1,
 ) -> BlockPlan:
     """Choose block sizes that fit ``memory_bytes`` per task (worker memory / threads).
 
     Explicit ``templates_per_block`` / ``images_per_block`` are kept as given. Otherwise the
     template block takes at most 40 % of the budget (all templates if they fit) and the image
     block at most 25 %, capped at 4096 images; sizes are then evened out so that blocks have
-    nearly equal sizes.
+    nearly equal sizes. ``min_tasks`` (e.g. twice the cluster's threads) makes image blocks
+    smaller, down to 16 images, until there are that many kernel tasks.
     """
     if n_images < 1 or n_templates < 1:
         raise ValueError(f"nothing to do: {n_images} images, {n_templates} templates")
@@ -136,6 +138,11 @@ def plan_blocks(
         if full:
             per_image += tb * n_displacements * n_inplanes * complex_bytes // 2
         ib = int(max(1, min(n_images, 4096, 0.25 * usable // per_image)))
+        # enough tasks to keep every worker thread busy (blocks of at least 16 images)
+        n_tb = -(-n_templates // tb)
+        wanted_blocks = -(-min_tasks // n_tb)
+        if -(-n_images // ib) < wanted_blocks:
+            ib = max(min(16, n_images), -(-n_images // wanted_blocks))
         ib = -(-n_images // -(-n_images // ib))
     else:
         ib = max(1, min(int(images_per_block), n_images))

@@ -50,14 +50,20 @@ def templates_from_atoms(
     atom_shape: str = "gaussian",
     precision: str | Precision = "single",
     work_bytes: int = 128 * 2**20,
+    method: str = "auto",
 ) -> np.ndarray:
     """Templates of atoms at ``coordinates`` (Å, ``[A, 3]``) with ``radii`` (Å, ``[A]``).
 
     ``atom_shape="gaussian"``: each atom a normalised 3-D Gaussian of standard deviation
     ``ρ_a = 2 r_a / box`` (polar units), minus the DC offset ``sinc(2x)sinc(2y) Σ e^{ℓ_a}``;
     ``"hard-sphere"``: uniform balls of radius ``ρ_a``, no DC offset (as CryoLike). Not
-    normalised; complex ``[S, N, W]`` of the precision's dtype. ``box_size`` in Å. Work is
-    chunked over atoms and templates so temporaries stay within ``work_bytes``.
+    normalised; complex ``[S, N, W]`` of the precision's dtype. ``box_size`` in Å.
+
+    ``method="direct"`` sums ``S·N·W·A`` exponentials (CryoLike's way), chunked so temporaries
+    stay within ``work_bytes``. ``"nufft"`` groups atoms of equal radius: within a group the
+    sum over atoms is one type-3 NUFFT (finufft ``nufft3d3``) at all slice points, and the
+    radial factor multiplies it - the same numbers, in ``O((A + S·N·W) log)`` work.
+    ``"auto"`` (default) picks the NUFFT for large problems.
     """
     prec = Precision.parse(precision).resolve()
     x = np.asarray(coordinates, dtype=np.float64)
@@ -79,6 +85,15 @@ def templates_from_atoms(
         raise ValueError(f"atom_shape must be 'gaussian' or 'hard-sphere', not {atom_shape!r}")
     u = slice_directions(angles, grid)  # [S, W, 3]
     n_s, n_n, n_w = angles.n_angles, grid.n_shells, grid.n_inplanes
+    if method == "auto":
+        method = "nufft" if n_atoms * n_s * n_n * n_w > 2e7 else "direct"
+    if method == "nufft":
+        t = _atom_sums_nufft(x, rho, radial, u, grid, box_size, prec, work_bytes)
+        if atom_shape == "gaussian":
+            t -= _offset_shape(grid)[None] * np.exp(log_a).sum()
+        return t.astype(prec.complex_dtype)
+    if method != "direct":
+        raise ValueError(f"method must be 'auto', 'direct' or 'nufft', not {method!r}")
     t = np.zeros((n_s, n_n, n_w), dtype=np.complex128)
     # Σ_a radial[n, a] exp(i φ[s, n, w, a]) in chunks of atoms and templates (bounded memory)
     per_atom = max(1, n_n * n_w * 16 * 3)
@@ -95,6 +110,50 @@ def templates_from_atoms(
     if atom_shape == "gaussian":
         t -= _offset_shape(grid)[None] * np.exp(log_a).sum()
     return t.astype(prec.complex_dtype)
+
+
+def _atom_sums_nufft(
+    x: np.ndarray,
+    rho: np.ndarray,
+    radial: np.ndarray,
+    u: np.ndarray,
+    grid: PolarGrid,
+    box_size: float,
+    prec: Precision,
+    work_bytes: int,
+) -> np.ndarray:
+    """``Σ_a radial[n, a] exp(−2πi (2/box) r_n u·X_a)`` by one type-3 NUFFT per atom radius."""
+    import finufft
+
+    from cryolike_dask.preprocess.nufft import tolerance
+
+    n_s, n_w = u.shape[0], u.shape[1]
+    n_n = grid.n_shells
+    out = np.zeros((n_s, n_n, n_w), dtype=np.complex128)
+    k = 2.0 * np.pi * (2.0 / box_size) * grid.radii  # [N]
+    groups = np.unique(rho, return_inverse=True)[1]
+    step = max(1, int(work_bytes // (n_n * n_w * 8 * 8)))
+    for s0 in range(0, n_s, step):
+        s1 = min(n_s, s0 + step)
+        targets = k[None, :, None, None] * u[s0:s1, None, :, :]  # [s, N, W, 3]
+        tx, ty, tz = (np.ascontiguousarray(targets[..., i].ravel()) for i in range(3))
+        for g in range(groups.max() + 1):
+            members = np.flatnonzero(groups == g)
+            src = x[members]
+            weights = np.ones(members.size, dtype=np.complex128)
+            sums = finufft.nufft3d3(
+                src[:, 0].copy(),
+                src[:, 1].copy(),
+                src[:, 2].copy(),
+                weights,
+                tx,
+                ty,
+                tz,
+                isign=-1,
+                eps=tolerance(prec, 1e-12),
+            )
+            out[s0:s1] += radial[None, :, members[0], None] * sums.reshape(s1 - s0, n_n, n_w)
+    return out
 
 
 def templates_from_volume(

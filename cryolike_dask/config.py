@@ -1,0 +1,395 @@
+"""``cryolike-dask run CONFIG.yaml``: one validated file for the whole pipeline.
+
+``make-params`` → ``make-templates`` → ``convert-particles`` → ``likelihood`` → ``stitch``
+(→ plots). Relative paths are relative to the config file. Every step is resumable: a step
+whose completion record (``OUT/<step>/.complete.json``) matches its inputs and settings is
+skipped, the likelihood resumes block by block, and a changed setting that would make
+earlier results stale is refused with a message naming it. See
+``deploy/examples/run_config.yaml`` for an annotated example.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cryolike_dask.params.image import ImageParameters
+
+
+class ConfigError(ValueError):
+    """The configuration file is invalid or inconsistent with earlier results."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParametersConfig(_Model):
+    """Image parameters: an existing ``parameters.npz`` (``file``) or the values to make one."""
+
+    file: Path | None = None
+    n_pixels: int | None = Field(None, gt=0)
+    pixel_size: float | None = Field(None, gt=0, description="Å")
+    precision: Literal["single", "double"] = "single"
+    resolution_factor: float = Field(1.0, gt=0)
+    viewing_distance: float | None = Field(None, gt=0)
+    n_inplanes: int | None = Field(None, ge=2)
+    atom_radii: float | None = Field(None, gt=0)
+    atom_selection: str = "name CA"
+    use_protein_residue_model: bool = True
+    atom_shape: Literal["gaussian", "hard-sphere"] = "gaussian"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ParametersConfig:
+        if self.file is None and (self.n_pixels is None or self.pixel_size is None):
+            raise ValueError("give either 'file' or both 'n_pixels' and 'pixel_size'")
+        return self
+
+
+class TemplatesConfig(_Model):
+    """Structures: maps/models to project (``inputs``) or an existing template folder/store."""
+
+    inputs: list[Path] = Field(default_factory=list)
+    folder: Path | None = None
+    atom_shape: Literal["gaussian", "hard-sphere"] | None = None
+    voxel_size: float | None = Field(None, gt=0)
+    templates_per_block: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TemplatesConfig:
+        if bool(self.inputs) == (self.folder is not None):
+            raise ValueError("give either 'inputs' (maps/models) or 'folder' (existing templates)")
+        return self
+
+
+class ParticlesConfig(_Model):
+    """Particles, in exactly one input form (as ``convert-particles``), or an existing folder."""
+
+    mrcs: list[Path] = Field(default_factory=list)
+    star: list[Path] = Field(default_factory=list)
+    cs: Path | None = None
+    mrc_folder: Path | None = None
+    cryosparc_job: Path | None = None
+    folder: Path | None = None
+    pixel_size: float | None = Field(None, gt=0)
+    batch_size: int = Field(1024, gt=0)
+    downsample: int = Field(1, ge=1)
+    astigmatism_convention: Literal["relion", "cryolike"] = "relion"
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ParticlesConfig:
+        forms = [
+            bool(self.mrcs),
+            self.cs is not None,
+            self.cryosparc_job is not None,
+            bool(self.star) and not self.mrcs,
+            self.folder is not None,
+        ]
+        if sum(forms) != 1:
+            raise ValueError(
+                "give exactly one input form: mrcs + star; star + mrc_folder; cs + mrc_folder; "
+                "cryosparc_job; or folder (already converted)"
+            )
+        if (self.cs is not None or (self.star and not self.mrcs)) and self.mrc_folder is None:
+            raise ValueError("an indexed 'star' or 'cs' needs 'mrc_folder'")
+        return self
+
+
+class LikelihoodConfig(_Model):
+    """The likelihood run (the options of ``cryolike-dask likelihood``)."""
+
+    structures: Literal["all"] | list[int] = "all"
+    n_stacks: int | None = Field(None, gt=0)
+    max_displacement_pixels: float = Field(8.0, ge=0)
+    n_displacements_x: int = -1
+    n_displacements_y: int = -1
+    integrated_likelihood: bool = True
+    optimal_pose_likelihood: bool = False
+    per_template: bool = False
+    full_cross_correlation: bool = False
+    templates_per_block: int | None = Field(None, gt=0)
+    images_per_block: int | None = Field(None, gt=0)
+    precision: Literal["single", "double"] | None = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+
+
+class ClusterConfig(_Model):
+    """Where to run: a LocalCluster (default) or a running scheduler."""
+
+    scheduler_address: str | None = None
+    scheduler_file: Path | None = None
+    n_workers: int | None = Field(None, gt=0)
+    threads_per_worker: int | None = Field(None, gt=0)
+    memory_limit: str | None = None
+    scheduler: Literal["sync", "threads"] | None = None
+
+
+class RunConfig(_Model):
+    """The whole pipeline."""
+
+    output: Path
+    parameters: ParametersConfig
+    templates: TemplatesConfig
+    particles: ParticlesConfig
+    likelihood: LikelihoodConfig = Field(default_factory=LikelihoodConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    stitch: bool = True
+    plots: bool = True
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value)
+    if isinstance(value, list):
+        return [_resolve(v, base) for v in value]
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            object.__setattr__(value, name, _resolve(getattr(value, name), base))
+    return value
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """Read and validate a YAML config; relative paths become relative to its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (output, parameters, ...)")
+    data = {k: v for k, v in data.items() if v is not None}  # an empty section: its defaults
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{p}: {problems}") from None
+    return _resolve(cfg, p.parent.resolve())
+
+
+def _record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _files_id(paths: list[Path]) -> list:
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _step_done(folder: Path, key: dict) -> bool:
+    rec = _record(folder / ".complete.json")
+    return rec is not None and rec == json.loads(json.dumps(key, default=str))
+
+
+def _mark(folder: Path, key: dict) -> None:
+    (folder / ".complete.json").write_text(json.dumps(key, default=str, indent=1))
+
+
+def run_config(
+    cfg: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, Path]:
+    """Run every step of ``cfg``, skipping completed ones; returns the main outputs."""
+    from cryolike_dask.grids.displacement import DisplacementGrid
+    from cryolike_dask.io.exports import OutputRequest
+    from cryolike_dask.io.sources import open_particles, open_templates
+    from cryolike_dask.io.stitch import stitch
+    from cryolike_dask.kernels.backend import has_gpu
+    from cryolike_dask.pipeline import convert_particles as cp
+    from cryolike_dask.pipeline.cluster import ClusterOptions
+    from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood
+    from cryolike_dask.pipeline.make_templates import make_templates
+    from cryolike_dask.plots import plot_output_folder
+
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    c = cfg.cluster
+    cluster = ClusterOptions(
+        c.scheduler_address,
+        str(c.scheduler_file) if c.scheduler_file else None,
+        c.n_workers,
+        c.threads_per_worker,
+        c.memory_limit,
+        c.scheduler,
+    )
+    outputs: dict[str, Path] = {}
+
+    # 1. parameters
+    pc = cfg.parameters
+    if pc.file is not None:
+        params = ImageParameters.load(pc.file)
+        params_path = pc.file
+    else:
+        params = ImageParameters.from_values(
+            pc.n_pixels,
+            pc.pixel_size,
+            pc.precision,
+            pc.resolution_factor,
+            pc.viewing_distance,
+            pc.n_inplanes,
+            pc.atom_radii,
+            pc.atom_selection,
+            pc.use_protein_residue_model,
+            pc.atom_shape,
+        )
+        params_path = out / "parameters.npz"
+        if params_path.exists():
+            if ImageParameters.load(params_path) != params:
+                raise ConfigError(
+                    f"{params_path}: made with other parameters than the config's; results in "
+                    f"{out} would be stale. Use a new output folder or delete it."
+                )
+            log(f"parameters: {params_path} (unchanged)")
+        else:
+            params.save(params_path)
+            log(f"parameters: {params_path}")
+    outputs["parameters"] = params_path
+
+    # 2. templates
+    tc = cfg.templates
+    if tc.folder is not None:
+        templates_path = tc.folder
+        log(f"templates: {templates_path} (given)")
+    else:
+        folder = out / "templates"
+        key = {
+            "inputs": _files_id(tc.inputs),
+            "parameters": str(params),
+            "atom_shape": tc.atom_shape,
+            "voxel_size": tc.voxel_size,
+        }
+        templates_path = folder / "templates.zarr"
+        if folder.exists() and _step_done(folder, key):
+            log(f"templates: {templates_path} (complete, skipped)")
+        else:
+            make_templates(
+                tc.inputs,
+                params,
+                folder,
+                templates_per_block=tc.templates_per_block,
+                atom_shape=tc.atom_shape,
+                voxel_size=tc.voxel_size,
+                overwrite=True,
+                cluster=cluster,
+                progress=progress,
+                log=log,
+            )
+            _mark(folder, key)
+            log(f"templates: {templates_path}")
+    outputs["templates"] = templates_path
+
+    # 3. particles
+    pa = cfg.particles
+    if pa.folder is not None:
+        particles_path = pa.folder
+        log(f"particles: {particles_path} (given)")
+    else:
+        folder = out / "particles"
+        sources = [*pa.mrcs, *pa.star] + [p for p in (pa.cs,) if p is not None]
+        key = {
+            "inputs": _files_id(sources),
+            "parameters": str(params),
+            "options": pa.model_dump(mode="json"),
+        }
+        particles_path = folder / "particles.zarr"
+        if folder.exists() and _step_done(folder, key):
+            log(f"particles: {particles_path} (complete, skipped)")
+        else:
+            kw = {"pixel_size": pa.pixel_size, "batch_size": pa.batch_size}
+            if pa.mrcs:
+                particles = cp.gather_paired(pa.mrcs, pa.star, **kw)
+            elif pa.cryosparc_job is not None:
+                particles = cp.gather_cryosparc_job(pa.cryosparc_job, **kw)
+            elif pa.cs is not None:
+                particles = cp.gather_cs(pa.cs, pa.mrc_folder, **kw)
+            else:
+                particles = cp.gather_indexed_star(pa.star[0], pa.mrc_folder, **kw)
+            cp.convert_particles(
+                particles,
+                params,
+                folder,
+                downsample=pa.downsample,
+                convention=pa.astigmatism_convention,
+                overwrite=True,
+                cluster=cluster,
+                progress=progress,
+                log=log,
+            )
+            _mark(folder, key)
+            log(f"particles: {particles_path}")
+    outputs["particles"] = particles_path
+
+    # 4. likelihood (resumes by itself)
+    lc = cfg.likelihood
+    templates = open_templates(templates_path, params)
+    images = open_particles(particles_path, params, lc.n_stacks)
+    structures = (
+        tuple(range(templates.n_structures)) if lc.structures == "all" else tuple(lc.structures)
+    )
+    device = ("gpu" if has_gpu() else "cpu") if lc.device == "auto" else lc.device
+    run = LikelihoodRun(
+        templates=templates,
+        images=images,
+        output=out / "likelihood",
+        structures=structures,
+        displacements=DisplacementGrid.from_search(
+            lc.max_displacement_pixels,
+            lc.n_displacements_x,
+            lc.n_displacements_y,
+            params.pixel_size[0],
+        ),
+        request=OutputRequest(
+            integrated=lc.integrated_likelihood,
+            optimal_likelihood=lc.optimal_pose_likelihood,
+            per_template=lc.per_template,
+            full=lc.full_cross_correlation,
+        ),
+        precision=lc.precision or params.precision.resolve().value,
+        device=device,
+        templates_per_block=lc.templates_per_block,
+        images_per_block=lc.images_per_block,
+        skip_exist=True,
+    )
+    try:
+        report = run_likelihood(run, cluster, progress=progress, log=log)
+        log(
+            f"likelihood: {report.blocks_computed} blocks computed, {report.blocks_skipped} "
+            f"already done, {report.stacks_exported} stacks written"
+        )
+    except ValueError as exc:
+        if "--skip-exist" in str(exc):
+            raise ConfigError(
+                f"{out / 'likelihood'}: holds results of other settings ({exc}); use a new "
+                "output folder or delete it"
+            ) from None
+        raise
+    outputs["likelihood"] = out / "likelihood"
+
+    # 5. matrices and plots
+    if cfg.stitch:
+        written = stitch(
+            out / "likelihood",
+            integrated=lc.integrated_likelihood,
+            optimal=lc.optimal_pose_likelihood,
+        )
+        outputs["matrices"] = next(iter(written.values())).parent
+        log(f"matrices: {outputs['matrices']}")
+    if cfg.plots:
+        plots = plot_output_folder(out / "likelihood", out / "plots")
+        outputs["plots"] = out / "plots"
+        log(f"plots: {', '.join(p.name for p in plots)}")
+    return outputs
