@@ -208,7 +208,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     from cryolike_dask.io.sources import open_particles, open_templates
     from cryolike_dask.kernels.backend import has_gpu
     from cryolike_dask.params.image import ImageParameters
-    from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood
+    from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood, validate
 
     params = ImageParameters.load(args.params)
     templates = open_templates(args.templates, params)
@@ -242,6 +242,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
         export_pt=not args.no_pt,
         max_tasks=args.max_tasks_per_graph,
     )
+    validate(run)  # before printing anything about the run
     print(
         f"cryolike-dask {__version__}: {images.n_images} images × "
         f"{', '.join(templates.names[k] for k in structures)} on {device}"

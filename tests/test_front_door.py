@@ -242,16 +242,46 @@ def jobqueue_profiles():
         yield
 
 
-@pytest.mark.parametrize(("kind", "profile", "expected"), [
-    ("slurm", "slurm", ["#SBATCH -n 1", "#SBATCH --cpus-per-task=32", "#SBATCH --mem=120G",
-                        "#SBATCH -t 08:00:00", "--nworkers 32", "--nthreads 1"]),
-    ("slurm", "slurm-gpu", ["#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB",
-                            "#SBATCH -p gpu", "#SBATCH --gres=gpu:1", "--nthreads 1",
-                            "--resources GPU=1"]),
-    ("pbs", "pbs", ["#PBS -q workq", "#PBS -l select=1:ncpus=32:mem=128GB", "--nworkers 32"]),
-    ("pbs", "pbs-gpu", ["#PBS -q gpu", "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB",
-                        "--nthreads 1", "--resources GPU=1"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "profile", "expected"),
+    [
+        (
+            "slurm",
+            "slurm",
+            [
+                "#SBATCH -n 1",
+                "#SBATCH --cpus-per-task=32",
+                "#SBATCH --mem=120G",
+                "#SBATCH -t 08:00:00",
+                "--nworkers 32",
+                "--nthreads 1",
+            ],
+        ),
+        (
+            "slurm",
+            "slurm-gpu",
+            [
+                "#SBATCH --cpus-per-task=8",
+                "#SBATCH --mem=64GB",
+                "#SBATCH -p gpu",
+                "#SBATCH --gres=gpu:1",
+                "--nthreads 1",
+                "--resources GPU=1",
+            ],
+        ),
+        ("pbs", "pbs", ["#PBS -q workq", "#PBS -l select=1:ncpus=32:mem=128GB", "--nworkers 32"]),
+        (
+            "pbs",
+            "pbs-gpu",
+            [
+                "#PBS -q gpu",
+                "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB",
+                "--nthreads 1",
+                "--resources GPU=1",
+            ],
+        ),
+    ],
+)
 def test_jobqueue_profiles_render(jobqueue_profiles, kind, profile, expected) -> None:
     from dask_jobqueue import PBSCluster, SLURMCluster
 

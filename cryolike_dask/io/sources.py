@@ -52,6 +52,14 @@ class ImageSource:
         """What identifies the data (paths, sizes, modification times or store ids)."""
         raise NotImplementedError
 
+    def locate(self, index: int) -> str:
+        """Human-readable location of image ``index``: its stack file and position in it."""
+        for info in self.stacks:
+            if info.start <= index < info.stop:
+                where = info.source or info.name
+                return f"{where}: image {index - info.start} (image {index} of the run)"
+        return f"image {index}"
+
 
 @lru_cache(maxsize=4)
 def _load_stack_cached(folder: str, i_stack: int, file_id: tuple, convention: str | None):
@@ -79,7 +87,7 @@ class CryoLikeParticles(ImageSource):
         stacks, start, ids = [], 0, []
         for i in range(n_stacks):
             pt, npz = cl.stack_paths(folder, i)
-            stack_params = ImageParameters.load(npz)
+            stack_params = ImageParameters.load(npz, strict=False)
             diffs = parameters.incompatibilities(stack_params)
             if diffs:
                 raise cl.CryoLikeFolderError(

@@ -127,14 +127,21 @@ def prepare_templates(
     sigma = xp.sqrt(weights)[:, None]  # [N, 1]
     t_sigma = t * sigma  # [S, N, W]
 
+    # Angle-major layout [W, N, s, D]: the FFT runs along axis 0 and its first Q orders are
+    # already the GEMM operand [Q, N, s·D] - no transposition of the large result.
+    t_w = xp.ascontiguousarray(t_sigma.transpose(2, 1, 0))  # [W, N, S]
+    k_w = xp.ascontiguousarray(kernel.transpose(2, 1, 0))  # [W, N, D]
     spectrum = xp.empty((n_q, n_n, n_s, n_d), dtype=cdt)
     per_template = n_d * n_n * n_w * np.dtype(cdt).itemsize * 2
     step = max(1, min(n_s, work_bytes // max(per_template, 1)))
+    half = n_w % 4 == 0 and _is_hermitian(t_sigma) and _is_hermitian(kernel)
     for s0 in range(0, n_s, step):
         s1 = min(n_s, s0 + step)
-        displaced = t_sigma[s0:s1, None] * kernel[None]  # [s, D, N, W]
-        coeffs = fft.fft(displaced, axis=-1, norm="ortho", **kw)[..., :n_q]  # [s, D, N, Q]
-        spectrum[:, :, s0:s1, :] = coeffs.transpose(3, 2, 0, 1)
+        if half:
+            _half_angle_spectrum(t_w[:, :, s0:s1], k_w, spectrum[:, :, s0:s1, :], xp, fft, kw)
+        else:
+            displaced = t_w[:, :, s0:s1, None] * k_w[:, :, None, :]  # [W, N, s, D]
+            spectrum[:, :, s0:s1, :] = fft.fft(displaced, axis=0, norm="ortho", **kw)[:n_q]
     spectrum = spectrum.reshape(n_q, n_n, n_s * n_d)
 
     power = (t_sigma.real**2 + t_sigma.imag**2).astype(rdt, copy=False)  # ωI |T|²
@@ -144,6 +151,37 @@ def prepare_templates(
     mask = xp.asarray(grid.mask).astype(rdt)
     mask_weighted = (t * (mask * weights[:, None])).reshape(n_s, n_n * n_w).astype(cdt)
     return PreparedTemplates(spectrum, power_spectrum, mask_weighted, n_s, n_d, n_n, n_w)
+
+
+def _is_hermitian(x: Any, rtol: float = 1e-5) -> bool:
+    """Whether ``x[..., w + W/2] == conj(x[..., w])`` to ``rtol`` of its largest value."""
+    xp = array_module(x)
+    h = x.shape[-1] // 2
+    scale = float(xp.abs(x).max()) or 1.0
+    return float(xp.abs(x[..., h:] - xp.conj(x[..., :h])).max()) <= rtol * scale
+
+
+def _half_angle_spectrum(t_w: Any, k_w: Any, out: Any, xp: Any, fft: Any, kw: dict) -> None:
+    """Orders ``0 … W/2`` of ``FFT_w(T·K_d)`` from the first half of the angles, into ``out``.
+
+    For angularly Hermitian ``b = T·K`` (``b[w + W/2] = conj b[w]``, real images) and
+    ``h = W/2``: ``B_{2k} = FFT_h(2 Re b)[k]`` and ``B_{2k+1} = FFT_h(2i Im b · e^{−2πiw/W})[k]``
+    (orthonormal scaling ``W^{-1/2}``). Half the product and ¾ of the FFT work of the full
+    transform, few temporaries. ``t_w`` is ``[W, N, s]``, ``k_w`` ``[W, N, D]``, ``out`` a
+    ``[W/2+1, N, s, D]`` view to fill.
+    """
+    n_w = t_w.shape[0]
+    h = n_w // 2
+    b = t_w[:h, :, :, None] * k_w[:h, :, None, :]  # [h, N, s, D]
+    scale = 1.0 / np.sqrt(n_w)
+    even = fft.rfft(b.real, axis=0, **kw)  # q = 0, 2, …, h  (×2 folded into the scale)
+    xp.multiply(even, b.real.dtype.type(2.0 * scale), out=out[0::2])
+    del even
+    twiddle = xp.exp(-2j * np.pi * xp.arange(h) / n_w).astype(b.dtype)
+    v = xp.multiply(b.imag, twiddle[:, None, None, None])  # complex [h, N, s, D]
+    del b
+    odd = fft.fft(v, axis=0, overwrite_x=True, **kw) if xp is np else fft.fft(v, axis=0)
+    xp.multiply(odd[: h // 2], v.dtype.type(2j * scale), out=out[1::2])
 
 
 # ------------------------------------------------------------------------------ images
@@ -306,12 +344,32 @@ class BlockResult:
     rotation_index_msd: Any = None
 
 
+#: Images per GEMM when memory allows: thin GEMMs run far below the machine's peak.
+GEMM_IMAGES = 128
+
+
+def batch_sizes(
+    templates: PreparedTemplates, n_images: int, outputs: BlockOutputs, work_bytes: int
+) -> tuple[int, int]:
+    """``(images, templates)`` per internal step so that its temporaries fit ``work_bytes``.
+
+    A step holds the complex ``[Q, m, s·D]`` GEMM result and the real ``[m, s, D, W]``
+    correlation (plus one more real tensor for the integrated likelihood). Images are
+    grouped up to :data:`GEMM_IMAGES` for GEMM efficiency; templates are then chunked to fit.
+    """
+    n_d, n_w = templates.n_displacements, templates.n_inplanes
+    real = np.dtype(templates.spectrum.dtype).itemsize // 2
+    per_pair = n_d * (
+        n_orders(n_w) * 2 * real + n_w * real * (2 if outputs.integrated_likelihood else 1)
+    )
+    m = max(1, min(n_images, GEMM_IMAGES, work_bytes // max(per_pair, 1)))
+    s = max(1, min(templates.n_templates, work_bytes // max(per_pair * m, 1)))
+    return int(m), int(s)
+
+
 def image_batch_size(templates: PreparedTemplates, outputs: BlockOutputs, work_bytes: int) -> int:
-    """Images per internal batch so that the batch's ``[m, S, D, W]`` temporaries fit."""
-    elems = templates.n_templates * templates.n_displacements * templates.n_inplanes
-    itemsize = templates.spectrum.dtype.itemsize  # complex: 2 reals
-    per_image = elems * itemsize * (3 if outputs.integrated_likelihood else 2)
-    return max(1, int(work_bytes // max(per_image, 1)))
+    """Images per internal step (see :func:`batch_sizes`)."""
+    return batch_sizes(templates, GEMM_IMAGES, outputs, work_bytes)[0]
 
 
 def correlate_block(
@@ -375,44 +433,58 @@ def correlate_block(
         # Isx[m, s] = Σ ωI · mask · C[m] · T[s] (undisplaced, unrotated template: spec §11)
         isx_all = images.ctf.astype(templates.mask_weighted.dtype) @ templates.mask_weighted.T
 
-    step = image_batch_size(templates, outputs, work_bytes)
-    for m0 in range(0, n_m, step):
-        m1 = min(n_m, m0 + step)
+    m_step, s_step = batch_sizes(templates, n_m, outputs, work_bytes)
+    spectrum = templates.spectrum.reshape(templates.spectrum.shape[0], templates.n_shells, n_s, n_d)
+    for m0 in range(0, n_m, m_step):
+        m1 = min(n_m, m0 + m_step)
         mb = m1 - m0
-        # contraction over shells for every order q: one batched GEMM
-        xq = xp.matmul(images.spectrum[:, m0:m1, :], templates.spectrum)  # [Q, mb, S·D]
-        x = fft.irfft(xq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
-        x = x.reshape(mb, n_s, n_d, n_w).astype(rdt, copy=False)  # raw correlation X
-        del xq
-        nq = xp.matmul(images.ctf_power_spectrum[:, m0:m1, :], templates.power_spectrum)
-        ixx = fft.irfft(nq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
-        ixx = ixx.astype(rdt, copy=False)  # [mb, S, W]
         iyy = images.norms[m0:m1].astype(rdt, copy=False)
+        # template norms of the image batch, all templates at once (D times smaller work)
+        nq = xp.matmul(images.ctf_power_spectrum[:, m0:m1, :], templates.power_spectrum)
+        ixx_all = fft.irfft(nq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
+        ixx_all = ixx_all.astype(rdt, copy=False)  # [mb, S, W]
+        del nq
+        for s0 in range(0, n_s, s_step):
+            s1 = min(n_s, s0 + s_step)
+            sb = s1 - s0
+            # contraction over shells for every order q: one batched GEMM [Q, mb, N]@[Q, N, s·D]
+            b = spectrum[:, :, s0:s1, :].reshape(spectrum.shape[0], templates.n_shells, sb * n_d)
+            xq = xp.matmul(images.spectrum[:, m0:m1, :], b)  # [Q, mb, s·D]
+            x = fft.irfft(xq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
+            del xq
+            x = x.reshape(mb, sb, n_d, n_w).astype(rdt, copy=False)  # raw correlation X
+            ixx = ixx_all[:, s0:s1]
 
-        if outputs.integrated_likelihood:
-            assert likelihood is not None and isx_all is not None and ll_ms is not None
-            ll_ms[m0:m1] = _integrated_log_likelihood(
-                x, ixx, iyy, isx_all[m0:m1], images.mask_overlap[m0:m1], likelihood, xp
-            )
+            if outputs.integrated_likelihood:
+                assert likelihood is not None and isx_all is not None and ll_ms is not None
+                ll_ms[m0:m1, s0:s1] = _integrated_log_likelihood(
+                    x,
+                    ixx,
+                    iyy,
+                    isx_all[m0:m1, s0:s1],
+                    images.mask_overlap[m0:m1],
+                    likelihood,
+                    xp,
+                )
 
-        cc = x  # normalise in place
-        with _errstate(xp):  # a zero norm gives inf/NaN, reported below with its indices
-            inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, S, W]
-            cc *= inv_norm[:, :, None, :]
-        flat = cc.reshape(mb, n_s, n_d * n_w)
-        arg = xp.argmax(flat, axis=-1)
-        best_ms[m0:m1] = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
-        pose_ms[m0:m1] = arg
-        if full is not None:
-            full[m0:m1] = cc
-        if msw is not None:
-            a = xp.argmax(cc, axis=2)
-            msw_arg[m0:m1] = a
-            msw[m0:m1] = xp.take_along_axis(cc, a[:, :, None, :], axis=2)[:, :, 0, :]
-        if msd is not None:
-            a = xp.argmax(cc, axis=3)
-            msd_arg[m0:m1] = a
-            msd[m0:m1] = xp.take_along_axis(cc, a[..., None], axis=3)[..., 0]
+            cc = x  # normalise in place
+            with _errstate(xp):  # a zero norm gives inf/NaN, reported below with its indices
+                inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, s, W]
+                cc *= inv_norm[:, :, None, :]
+            flat = cc.reshape(mb, sb, n_d * n_w)
+            arg = xp.argmax(flat, axis=-1)
+            best_ms[m0:m1, s0:s1] = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+            pose_ms[m0:m1, s0:s1] = arg
+            if full is not None:
+                full[m0:m1, s0:s1] = cc
+            if msw is not None:
+                a = xp.argmax(cc, axis=2)
+                msw_arg[m0:m1, s0:s1] = a
+                msw[m0:m1, s0:s1] = xp.take_along_axis(cc, a[:, :, None, :], axis=2)[:, :, 0, :]
+            if msd is not None:
+                a = xp.argmax(cc, axis=3)
+                msd_arg[m0:m1, s0:s1] = a
+                msd[m0:m1, s0:s1] = xp.take_along_axis(cc, a[..., None], axis=3)[..., 0]
 
     if not bool(xp.all(xp.isfinite(best_ms))):
         m_bad, s_bad = (int(v[0]) for v in xp.nonzero(~xp.isfinite(best_ms)))

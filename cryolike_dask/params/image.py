@@ -165,9 +165,22 @@ class ImageParameters:
             raise ParameterFileError(f"{source}: {exc}") from exc
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ImageParameters:
-        """Read a CryoLike ``parameters.npz`` (or a particle stack's ``.npz``, which embeds one)."""
-        return cls.from_dict(read_npz(path), source=str(path))
+    def load(cls, path: str | os.PathLike, strict: bool = True) -> ImageParameters:
+        """Read a CryoLike ``parameters.npz``.
+
+        With ``strict`` (default) a field that a parameters file does not hold (a typo, or a
+        particle stack's ``.npz`` passed by mistake) is an error; ``strict=False`` reads the
+        image parameters embedded in a particle stack's ``.npz``.
+        """
+        fields = read_npz(path)
+        if strict:
+            extra = sorted(set(fields) - set(IMAGE_PARAMETER_KEYS))
+            if extra:
+                raise ParameterFileError(
+                    f"{path}: unexpected field(s) {', '.join(extra)}; a parameters file holds "
+                    f"{', '.join(IMAGE_PARAMETER_KEYS)}"
+                )
+        return cls.from_dict(fields, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields with CryoLike's keys and dtypes (``int64[2]``, ``float64[2]``, ...)."""

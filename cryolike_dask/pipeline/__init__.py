@@ -6,6 +6,7 @@ pairs and reduces the partials with the kernels' monoid.
 
 from cryolike_dask.pipeline.cluster import ClusterOptions, get_client
 from cryolike_dask.pipeline.driver import (
+    InputDataError,
     LikelihoodRun,
     RunConfigurationError,
     RunReport,
@@ -19,6 +20,7 @@ __all__ = [
     "BatchGraph",
     "BlockPlan",
     "ClusterOptions",
+    "InputDataError",
     "LikelihoodRun",
     "RunConfigurationError",
     "RunReport",

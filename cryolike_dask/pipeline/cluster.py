@@ -73,16 +73,22 @@ def cpu_count() -> int:
 def local_cluster_size(
     device: str, n_workers: int | None = None, threads_per_worker: int | None = None
 ) -> tuple[int, int]:
-    """``(workers, threads)``: one single-threaded worker per GPU, else per CPU core.
+    """``(workers, threads)``: one single-threaded worker per GPU; on CPUs, one worker
+    process with a thread per core.
 
-    Worker processes run BLAS and FFTs single-threaded (Dask's nanny sets OMP/MKL/OpenBLAS
-    threads to 1), so workers × threads = cores does not oversubscribe the machine.
+    On CPUs, threads share the worker's cache of prepared template blocks (each is prepared
+    once per process, not once per core) and NumPy, BLAS and the FFTs release the GIL. Dask's
+    nanny sets OMP/MKL/OpenBLAS threads to 1 in workers, so threads × workers = cores does not
+    oversubscribe the machine. With ``n_workers`` alone, the cores are shared out.
     """
     if device == "gpu":
         return n_workers or 1, threads_per_worker or 1
     cores = cpu_count()
-    threads = threads_per_worker or 1
-    return n_workers or max(1, cores // threads), threads
+    if n_workers is None and threads_per_worker is None:
+        return 1, cores
+    if threads_per_worker is None:
+        return n_workers, max(1, cores // n_workers)
+    return n_workers or max(1, cores // threads_per_worker), threads_per_worker
 
 
 @contextlib.contextmanager

@@ -46,6 +46,10 @@ class RunConfigurationError(ValueError):
     """The run's inputs or options are inconsistent (reported before any work starts)."""
 
 
+class InputDataError(ValueError):
+    """Images or templates hold values the likelihood cannot use (NaN, Inf, zero norm)."""
+
+
 @dataclass(frozen=True)
 class LikelihoodRun:
     """One likelihood run: which data, which outputs, how split.
@@ -78,6 +82,8 @@ class LikelihoodRun:
         Kernel tasks per submitted graph.
     work_bytes : int
         Kernel temporaries budget per task.
+    validate_data : bool
+        Check every image and template (finite, non-zero) before the likelihood starts.
     """
 
     templates: TemplateSource
@@ -97,6 +103,7 @@ class LikelihoodRun:
     split_every: int = 8
     max_tasks: int = planning.MAX_TASKS_PER_GRAPH
     work_bytes: int = 256 * 2**20
+    validate_data: bool = True
 
 
 @dataclass
@@ -159,16 +166,18 @@ def validate(run: LikelihoodRun) -> None:
 
 
 def _check_writable(output: Path) -> None:
-    output = Path(output)
-    probe_dir = (
-        output if output.exists() else next((p for p in output.parents if p.exists()), Path("."))
-    )
-    if output.exists() and not output.is_dir():
-        raise RunConfigurationError(f"{output}: exists and is not a folder")
     import os
 
-    if not os.access(probe_dir, os.W_OK):
-        raise RunConfigurationError(f"{output}: cannot write here ({probe_dir} is not writable)")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise RunConfigurationError(f"{output}: exists and is not a folder")
+    probe = (
+        output if output.exists() else next((p for p in output.parents if p.exists()), Path("."))
+    )
+    if not probe.is_dir():
+        raise RunConfigurationError(f"{output}: cannot be created ({probe} is a file)")
+    if not os.access(probe, os.W_OK):
+        raise RunConfigurationError(f"{output}: cannot write here ({probe} is not writable)")
 
 
 def _settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
@@ -220,6 +229,32 @@ def _open_results(run: LikelihoodRun, fp: dict, plan: planning.BlockPlan, log) -
         stacks=list(run.images.stacks),
         overwrite=True,
     )
+
+
+def _validate_data(
+    run: LikelihoodRun, plan: planning.BlockPlan, client: Any, scheduler: str | None
+) -> None:
+    """One parallel pass over the inputs: NaN/Inf or all-zero images and templates, and
+    non-finite CTF parameters, reported with their files and indices before any compute."""
+    from cryolike_dask.pipeline.tasks import check_images, check_templates
+
+    checks = [dask.delayed(check_images)(run.images, a, b) for a, b in plan.image_ranges()]
+    for k in run.structures:
+        n_t = run.templates.n_templates(k)
+        checks += [
+            dask.delayed(check_templates)(run.templates, k, a, min(n_t, a + plan.template_block))
+            for a in range(0, n_t, plan.template_block)
+        ]
+    if client is not None:
+        results = client.gather(client.compute(checks))
+    else:
+        results = dask.compute(*checks, scheduler=scheduler or "threads")
+    problems = [p for block in results for p in block]
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise InputDataError(
+            "inputs the likelihood cannot use:\n  " + "\n  ".join(problems[:10]) + more
+        )
 
 
 def _contiguous(blocks: list[int]) -> list[list[int]]:
@@ -333,6 +368,8 @@ def execute(
         split_every=run.split_every,
         min_tasks=2 * total_threads(client),
     )
+    if run.validate_data:  # before anything is written
+        _validate_data(run, plan, client, scheduler)
     results = _open_results(run, fp, plan, log)
     if (results.image_block, results.template_block) != (plan.image_block, plan.template_block):
         log(

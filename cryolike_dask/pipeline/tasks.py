@@ -157,6 +157,16 @@ _IMAGE_CACHE = _LRU(max_items=2)
 _STATS = {"templates_prepared": 0, "images_prepared": 0}
 
 
+def _worker_threads() -> int:
+    """Threads of the Dask worker running this task (1 outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return 1
+
+
 def cache_stats() -> dict[str, int]:
     """How many template and image blocks this process has prepared (for tests and profiling)."""
     return dict(_STATS)
@@ -222,12 +232,13 @@ def _prepared_templates(
         )
         block = xp.asarray(templates.read(structure, t0, t1))
         _STATS["templates_prepared"] += 1
+        # the worker's other threads wait for this block: let its FFTs use all of them
         return prepare_templates(
             block,
             kernel,
             grid,
             settings.precision,
-            workers=settings.fft_workers,
+            workers=settings.fft_workers or _worker_threads(),
             work_bytes=settings.work_bytes,
         )
 
@@ -263,8 +274,8 @@ def correlate_task(
 
     Returns the :class:`BlockResult` on the host (pose indices local to the template block).
     """
+    pi = _prepared_images(settings, block)  # first: another thread may be preparing templates
     pt = _prepared_templates(settings, templates, structure, t0, t1)
-    pi = _prepared_images(settings, block)
     log_prior = None
     if settings.outputs.integrated_likelihood:
         log_prior = templates.viewing_angles(structure).log_normalized_weights[t0:t1]
@@ -278,6 +289,39 @@ def correlate_task(
         work_bytes=settings.work_bytes,
     )
     return BlockResult(*(None if v is None else to_host(v) for v in result.__dict__.values()))
+
+
+def check_images(source: ImageSource, start: int, stop: int, max_report: int = 3) -> list[str]:
+    """Problems of images ``[start, stop)``: non-finite values or zero norm (each located)."""
+    images, lens = source.read(start, stop)
+    problems = []
+    finite = np.isfinite(images).all(axis=(1, 2))
+    norms = np.sum(np.abs(images) ** 2, axis=(1, 2))
+    for k in np.flatnonzero(~finite)[:max_report]:
+        problems.append(f"{source.locate(start + int(k))} has NaN or infinite values")
+    for k in np.flatnonzero(finite & ~(norms > 0))[:max_report]:
+        problems.append(f"{source.locate(start + int(k))} is all zeros (zero norm)")
+    for name, values in lens.items():
+        bad = np.flatnonzero(~np.isfinite(values))[:max_report]
+        for k in bad:
+            problems.append(f"{source.locate(start + int(k))}: CTF parameter {name} is {values[k]}")
+    return problems
+
+
+def check_templates(
+    templates: TemplateSource, structure: int, start: int, stop: int, max_report: int = 3
+) -> list[str]:
+    """Problems of templates ``[start, stop)`` of a structure: non-finite or zero norm."""
+    block = templates.read(structure, start, stop)
+    problems = []
+    finite = np.isfinite(block).all(axis=(1, 2))
+    norms = np.sum(np.abs(block) ** 2, axis=(1, 2))
+    name = templates.names[structure]
+    for k in np.flatnonzero(~finite)[:max_report]:
+        problems.append(f"structure {name!r}: template {start + int(k)} has NaN or infinite values")
+    for k in np.flatnonzero(finite & ~(norms > 0))[:max_report]:
+        problems.append(f"structure {name!r}: template {start + int(k)} is all zeros")
+    return problems
 
 
 def partial_of(result: BlockResult, t0: int, n_displacements: int, n_inplanes: int) -> np.ndarray:

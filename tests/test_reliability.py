@@ -1,0 +1,718 @@
+"""Bad inputs get clear errors before any output; runs survive a lost worker and a killed driver.
+
+Every bad-input case asserts the error's type, that its message names the file (or item) and
+the field, and that no output file appeared - or, when an earlier run's outputs were there,
+that they are byte-identical afterwards. docs/reliability.md lists these cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cryolike_dask.cli import main
+from cryolike_dask.io.particle_metadata import MetadataError, read_cs, read_star
+from cryolike_dask.io.zarr_stores import ResultsStore
+from cryolike_dask.params import ImageParameters, LensParameters, ParameterFileError
+from cryolike_dask.params.npz import read_npz, write_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ helpers
+@pytest.fixture
+def ref_copy(reference_dir, tmp_path) -> Path:
+    """A writable copy of the CryoLike reference inputs (templates, particles)."""
+    for sub in ("templates", "particles", "raw"):
+        shutil.copytree(reference_dir / sub, tmp_path / sub)
+    return tmp_path
+
+
+def _likelihood(folder: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "likelihood",
+            "--templates",
+            str(folder / "templates"),
+            "--particles",
+            str(folder / "particles"),
+            "--params",
+            str(folder / "templates" / "parameters.npz"),
+            "--output",
+            str(out),
+            "--max-displacement-pixels",
+            "1.5",
+            "--n-displacements-x",
+            "3",
+            "--n-displacements-y",
+            "3",
+            "--scheduler",
+            "sync",
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _fails(capsys, code: int, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in err, (f, err)
+    return err
+
+
+def _edit_npz(path: Path, **changes) -> None:
+    fields = read_npz(path)
+    for k, v in changes.items():
+        if v is None:
+            fields.pop(k, None)
+        else:
+            fields[k] = v
+    write_npz(path, fields, overwrite=True)
+
+
+STACK1 = Path("particles") / "fft" / "particles_fourier_stack_000001"
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def test_stack_grid_differs_from_parameters(ref_copy, tmp_path, capsys) -> None:
+    _edit_npz(ref_copy / f"{STACK1}.npz", pixel_size=np.array([1.6, 1.6]))
+    out = tmp_path / "out"
+    _fails(capsys, _likelihood(ref_copy, out), "particles_fourier_stack_000001.npz", "pixel_size")
+    assert not out.exists()
+
+
+def test_template_grid_differs(ref_copy, tmp_path, capsys) -> None:
+    t = torch.load(ref_copy / "templates" / "templates_fourier_1uao.pt")
+    torch.save(t[:, :30], ref_copy / "templates" / "templates_fourier_1uao.pt")
+    out = tmp_path / "out"
+    _fails(capsys, _likelihood(ref_copy, out), "templates_fourier_1uao.pt", "[S, 33, 64]")
+    assert not out.exists()
+
+
+def test_template_count_differs_from_viewing_directions(ref_copy, tmp_path, capsys) -> None:
+    t = torch.load(ref_copy / "templates" / "templates_fourier_1uao.pt")
+    torch.save(t[:90], ref_copy / "templates" / "templates_fourier_1uao.pt")
+    _fails(capsys, _likelihood(ref_copy, tmp_path / "out"), "90 templates", "96 viewing")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(np.nan, "NaN or infinite"), (0.0, "all zeros (zero norm)")]
+)
+def test_bad_image_values_are_located(ref_copy, tmp_path, capsys, value, message) -> None:
+    path = ref_copy / f"{STACK1}.pt"
+    images = torch.load(path)
+    images[5] = value
+    torch.save(images, path)
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "out"),
+        "particles_fourier_stack_000001.pt: image 5 (image 17 of the run)",
+        message,
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_infinite_template_is_located(ref_copy, tmp_path, capsys) -> None:
+    path = ref_copy / "templates" / "templates_fourier_1uao.pt"
+    t = torch.load(path)
+    t[42, 3, 7] = complex(np.inf, 0)
+    torch.save(t, path)
+    _fails(capsys, _likelihood(ref_copy, tmp_path / "out"), "template 42", "NaN or infinite")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_non_finite_lens_fields(ref_copy, tmp_path, capsys) -> None:
+    _edit_npz(ref_copy / f"{STACK1}.npz", defocusV=None)
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "a"),
+        "particles_fourier_stack_000001.npz",
+        "'defocusV'",
+    )
+    _edit_npz(
+        ref_copy / f"{STACK1}.npz",
+        defocusV=np.full(12, 9000.0),
+        defocusU=np.r_[np.full(11, 9e3), np.inf],
+    )
+    _fails(capsys, _likelihood(ref_copy, tmp_path / "b"), "'defocusU'", "non-finite", "image 11")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_extra_field_in_parameters_file(ref_copy, tmp_path, capsys) -> None:
+    _edit_npz(ref_copy / "templates" / "parameters.npz", n_pixel=np.array([32, 32]))
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "out"),
+        "parameters.npz",
+        "unexpected field(s) n_pixel",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_and_corrupt_files(ref_copy, tmp_path, capsys) -> None:
+    pt = ref_copy / f"{STACK1}.pt"
+    pt.write_bytes(pt.read_bytes()[:500])
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "a"),
+        "particles_fourier_stack_000001.pt",
+        "not a readable .pt file",
+    )
+    npz = ref_copy / "particles" / "fft" / "particles_fourier_stack_000000.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "b"),
+        "particles_fourier_stack_000000.npz",
+        "not a readable .npz file",
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_corrupt_mrc(tmp_path, reference_dir, capsys) -> None:
+    mrc = tmp_path / "broken.mrcs"
+    mrc.write_bytes((reference_dir / "raw" / "particles.mrcs").read_bytes()[:2000])
+    code = main(
+        [
+            "convert-particles",
+            "--params",
+            str(reference_dir / "templates" / "parameters.npz"),
+            "--output",
+            str(tmp_path / "out"),
+            "--mrcs",
+            str(mrc),
+            "--star",
+            str(reference_dir / "raw" / "particles.star"),
+            "--no-progress",
+        ]
+    )
+    _fails(capsys, code, "broken.mrcs")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_zarr_input(ref_copy, tmp_path, capsys) -> None:
+    stores = tmp_path / "stores"
+    params = ref_copy / "templates" / "parameters.npz"
+    assert (
+        main(
+            [
+                "import-cryolike",
+                "--params",
+                str(params),
+                "--particles",
+                str(ref_copy / "particles"),
+                "--output",
+                str(stores),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    (stores / "particles.zarr" / "zarr.json").write_text("{ not json")
+    code = main(
+        [
+            "likelihood",
+            "--templates",
+            str(ref_copy / "templates"),
+            "--particles",
+            str(stores / "particles.zarr"),
+            "--params",
+            str(params),
+            "--output",
+            str(tmp_path / "out"),
+            "--scheduler",
+            "sync",
+            "--no-progress",
+        ]
+    )
+    _fails(capsys, code, "particles.zarr", "not a readable Zarr group")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_star_column_and_cs_field(tmp_path, reference_dir, data_dir, capsys) -> None:
+    star = tmp_path / "p.star"
+    text = (reference_dir / "raw" / "particles.star").read_text()
+    star.write_text(text.replace("_rlnDefocusV #3", "_rlnDefocusX #3"))
+    params = str(reference_dir / "templates" / "parameters.npz")
+    code = main(
+        [
+            "convert-particles",
+            "--params",
+            params,
+            "--output",
+            str(tmp_path / "a"),
+            "--mrcs",
+            str(reference_dir / "raw" / "particles.mrcs"),
+            "--star",
+            str(star),
+            "--no-progress",
+        ]
+    )
+    _fails(capsys, code, "p.star", "missing column rlnDefocusV")
+    cs = np.load(data_dir / "real" / "empiar_10076_7.cs")
+    names = [n for n in cs.dtype.names if n != "ctf/df_angle_rad"]
+    slim = np.empty(cs.shape, dtype=[(n, cs.dtype[n]) for n in names])
+    for n in names:
+        slim[n] = cs[n]
+    with open(tmp_path / "x.cs", "wb") as f:
+        np.save(f, slim)
+    code = main(
+        [
+            "convert-particles",
+            "--params",
+            params,
+            "--output",
+            str(tmp_path / "b"),
+            "--cs",
+            str(tmp_path / "x.cs"),
+            "--mrc-folder",
+            str(data_dir / "real"),
+            "--no-progress",
+        ]
+    )
+    _fails(capsys, code, "x.cs", "ctf/df_angle_rad")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_non_positive_and_conflicting_pixel_sizes(tmp_path, reference_dir, capsys) -> None:
+    code = main(
+        [
+            "make-params",
+            "--n-pixels",
+            "32",
+            "--pixel-size",
+            "0",
+            "--output",
+            str(tmp_path / "p.npz"),
+        ]
+    )
+    _fails(capsys, code, "pixel_size")
+    assert not (tmp_path / "p.npz").exists()
+    star = tmp_path / "a.star"
+    text = (reference_dir / "raw" / "particles.star").read_text()
+    lines = text.splitlines()
+    header_end = max(i for i, line in enumerate(lines) if line.startswith("_rln"))
+    star.write_text(
+        "\n".join(
+            lines[: header_end + 1]
+            + [f"_rlnImagePixelSize #{8}"]
+            + [line + " 1.7" for line in lines[header_end + 1 :] if line.strip()]
+        )
+    )
+    with pytest.warns(UserWarning, match="differs from the metadata"):
+        code = main(
+            [
+                "convert-particles",
+                "--params",
+                str(reference_dir / "templates" / "parameters.npz"),
+                "--output",
+                str(tmp_path / "out"),
+                "--mrcs",
+                str(reference_dir / "raw" / "particles.mrcs"),
+                "--star",
+                str(star),
+                "--no-progress",
+            ]
+        )
+    _fails(capsys, code, "pixel size is 1.7 Å", "pixel_size is 1.5 Å")
+    assert not (tmp_path / "out").exists()
+
+
+def test_indices_out_of_range(ref_copy, tmp_path, capsys) -> None:
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "a", "--i-template", "3"),
+        "i_template 3 is out of range",
+        "1uao",
+    )
+    _fails(
+        capsys,
+        _likelihood(ref_copy, tmp_path / "b", "--n-stacks", "4"),
+        "4 particle stacks requested",
+        "particles_fourier_stack_000002.pt",
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_unwritable_output(ref_copy, tmp_path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _fails(capsys, _likelihood(ref_copy, blocker / "out"), "a_file", "is a file")
+    _fails(capsys, _likelihood(ref_copy, blocker), "exists and is not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_earlier_outputs_untouched_by_a_failed_run(ref_copy, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert _likelihood(ref_copy, out) == 0
+    before = _snapshot(out)
+    images = torch.load(ref_copy / f"{STACK1}.pt")
+    images[0] = float("nan")
+    torch.save(images, ref_copy / f"{STACK1}.pt")
+    capsys.readouterr()
+    _fails(capsys, _likelihood(ref_copy, out), "NaN or infinite")
+    assert _snapshot(out) == before
+
+
+def test_inputs_are_not_overwritten(ref_copy, tmp_path, capsys) -> None:
+    """make-templates, convert-particles, make-params and import refuse existing outputs."""
+    params = ref_copy / "templates" / "parameters.npz"
+    before = _snapshot(ref_copy)
+    code = main(["make-params", "--n-pixels", "32", "--pixel-size", "1.5", "--output", str(params)])
+    _fails(capsys, code, "parameters.npz", "overwrite")
+    code = main(
+        [
+            "convert-particles",
+            "--params",
+            str(params),
+            "--output",
+            str(ref_copy / "particles"),
+            "--mrcs",
+            str(ref_copy / "raw" / "particles.mrcs"),
+            "--star",
+            str(ref_copy / "raw" / "particles.star"),
+            "--no-progress",
+        ]
+    )
+    _fails(capsys, code, "particles_fourier_stack_000000.pt", "overwrite")
+    assert _snapshot(ref_copy) == before
+
+
+# ------------------------------------------------------------------------------ fault tolerance
+def _results(out: Path) -> dict[str, np.ndarray]:
+    g = ResultsStore.open(out / "results.zarr", mode="r").group
+    return {
+        k: np.asarray(g[k][:])
+        for k in (
+            "cross_correlation",
+            "optimal_template",
+            "optimal_inplane_rotation",
+            "log_likelihood_integrated_fourier",
+        )
+    }
+
+
+@pytest.fixture(scope="module")
+def bigger(tmp_path_factory):
+    """A Zarr run slow enough to interrupt: 480 random images × 96 templates, 64 px."""
+    from cryolike_dask.grids import ViewingAngles
+    from cryolike_dask.io.zarr_stores import ImageStore, StackInfo, TemplateStore
+    from tests.conftest import random_hermitian_stack
+
+    root = tmp_path_factory.mktemp("bigger")
+    params = ImageParameters.from_values(64, 2.0, n_inplanes=128, viewing_distance=8 / (4 * np.pi))
+    params.save(root / "parameters.npz")
+    g = params.polar_grid
+    rng = np.random.default_rng(3)
+    angles = ViewingAngles.from_viewing_distance(params.viewing_distance)
+    ts = TemplateStore.create(root / "templates.zarr", params)
+    ts.add_structure(
+        "random", random_hermitian_stack(rng, angles.n_angles, g.n_shells, g.n_inplanes), angles
+    )
+    m = 480
+    store = ImageStore.create(
+        root / "images.zarr",
+        params,
+        m,
+        chunk_images=48,
+        stacks=[StackInfo(f"s{i}", 120 * i, 120 * (i + 1)) for i in range(4)],
+    )
+    lens = LensParameters(
+        rng.uniform(8e3, 2e4, m), rng.uniform(8e3, 2e4, m), rng.uniform(0, 3, m), np.zeros(m)
+    )
+    store.write(0, random_hermitian_stack(rng, m, g.n_shells, g.n_inplanes), lens)
+    args = [
+        "likelihood",
+        "--templates",
+        str(root / "templates.zarr"),
+        "--particles",
+        str(root / "images.zarr"),
+        "--params",
+        str(root / "parameters.npz"),
+        "--max-displacement-pixels",
+        "1",
+        "--n-displacements-x",
+        "3",
+        "--n-displacements-y",
+        "3",
+        "--integrated-likelihood",
+        "--images-per-block",
+        "24",
+        "--templates-per-block",
+        "32",
+        "--no-progress",
+    ]
+    reference = root / "reference"
+    assert main([*args, "--output", str(reference), "--scheduler", "sync"]) == 0
+    return args, reference
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run(bigger, tmp_path) -> None:
+    from distributed import Client, LocalCluster
+
+    args, reference = bigger
+    out = tmp_path / "out"
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        result: dict = {}
+        runner = threading.Thread(
+            target=lambda: result.setdefault(
+                "code",
+                main(
+                    [
+                        *args,
+                        "--output",
+                        str(out),
+                        "--scheduler-address",
+                        cluster.scheduler_address,
+                        "--max-tasks-per-graph",
+                        "15",
+                    ]
+                ),
+            )
+        )
+        runner.start()
+        killed_with_work_left = False
+        deadline = time.time() + 120
+        while time.time() < deadline and runner.is_alive():
+            store = out / "results.zarr"
+            if store.exists():
+                try:
+                    done = ResultsStore.open(store, mode="r").done()
+                except Exception:
+                    done = None
+                if done is not None and 0 < int((done > 0).sum()) < done.size:
+                    pids = client.run(os.getpid)
+                    os.kill(next(iter(pids.values())), signal.SIGKILL)
+                    killed_with_work_left = True
+                    break
+            time.sleep(0.05)
+        runner.join(timeout=300)
+    assert killed_with_work_left, "the run ended before a worker could be killed"
+    assert result.get("code") == 0
+    got, want = _results(out), _results(reference)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_resume(bigger, tmp_path) -> None:
+    args, reference = bigger
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cryolike_dask",
+        *args,
+        "--output",
+        str(out),
+        "--scheduler",
+        "sync",
+        "--max-tasks-per-graph",
+        "3",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done_at_kill = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        store = out / "results.zarr"
+        if store.exists():
+            try:
+                done = ResultsStore.open(store, mode="r").done()
+            except Exception:
+                done = None
+            if done is not None and int((done > 0).sum()) >= 3:
+                os.kill(proc.pid, signal.SIGKILL)
+                done_at_kill = int((done > 0).sum())
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert done_at_kill is not None and done_at_kill < 20, "not interrupted part-way"
+    total = 20  # 480 images in blocks of 24
+    again = subprocess.run([*cmd, "--skip-exist"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    summary = next(line for line in again.stdout.splitlines() if line.startswith("done in"))
+    computed = int(summary.split(": ")[1].split(" blocks computed")[0])
+    skipped = int(summary.split("blocks computed, ")[1].split(" already done")[0])
+    assert skipped >= done_at_kill and computed + skipped == total
+    got, want = _results(out), _results(reference)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for name in ("optimal_template", "cross_correlation"):
+        for i in range(4):
+            folder = "optimal_pose" if name == "optimal_template" else "cross_correlation"
+            a = torch.load(out / f"template0/{folder}/{name}_stack_{i:06d}.pt")
+            b = torch.load(reference / f"template0/{folder}/{name}_stack_{i:06d}.pt")
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ fuzzing
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+_star_tokens = st.sampled_from(
+    [
+        "data_",
+        "data_optics",
+        "data_particles",
+        "loop_",
+        "_rlnDefocusU",
+        "_rlnDefocusV",
+        "_rlnDefocusAngle",
+        "_rlnVoltage",
+        "_rlnSphericalAberration",
+        "_rlnImageName",
+        "_rlnOpticsGroup",
+        "1@a.mrcs",
+        "300",
+        "2.7",
+        "1e4",
+        "nan",
+        "-1",
+        "#1",
+        "x",
+        "",
+        "\u00e9",
+        "0.1",
+    ]
+)
+
+
+@FUZZ
+@given(st.lists(st.lists(_star_tokens, max_size=6).map(" ".join), max_size=25))
+def test_star_reader_fuzz(tmp_path, lines) -> None:
+    path = tmp_path / "f.star"
+    path.write_text("\n".join(lines))
+    try:
+        rec = read_star(path)
+    except MetadataError as exc:
+        assert str(path) in str(exc)
+    except ParameterFileError as exc:  # from lens validation, which names its field
+        assert "lens parameters" in str(exc) or str(path) in str(exc)
+    else:
+        assert rec.n_particles >= 1 and np.all(np.isfinite(rec.lens.defocus_u))
+
+
+_cs_fields = st.sampled_from(
+    [
+        "ctf/df1_A",
+        "ctf/df2_A",
+        "ctf/df_angle_rad",
+        "ctf/cs_mm",
+        "ctf/accel_kv",
+        "ctf/amp_contrast",
+        "blob/path",
+        "blob/idx",
+        "blob/psize_A",
+        "other",
+    ]
+)
+
+
+@FUZZ
+@given(
+    st.sets(_cs_fields, max_size=10),
+    st.integers(0, 4),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=4),
+    st.booleans(),
+)
+def test_cs_reader_fuzz(tmp_path, fields, n, values, garbage) -> None:
+    path = tmp_path / "f.cs"
+    if garbage:
+        path.write_bytes(bytes(values.__repr__(), "utf8"))
+    else:
+        dtype = [
+            (f, "S8") if f == "blob/path" else (f, "i8") if f == "blob/idx" else (f, "f8")
+            for f in sorted(fields)
+        ] or [("x", "f8")]
+        arr = np.zeros(n, dtype=dtype)
+        for f in fields:
+            if f not in ("blob/path", "blob/idx") and n:
+                arr[f] = np.resize(values, n)
+        with open(path, "wb") as fh:
+            np.save(fh, arr)
+    try:
+        rec = read_cs(path)
+    except (MetadataError, ParameterFileError) as exc:
+        assert str(path) in str(exc) or "lens parameters" in str(exc)
+    else:
+        assert rec.n_particles == n
+
+
+_npz_keys = st.sampled_from(
+    [
+        "n_pixels",
+        "pixel_size",
+        "radius_max",
+        "dist_radii",
+        "n_inplanes",
+        "precision",
+        "viewing_distance",
+        "atom_shape",
+        "defocusU",
+        "defocusV",
+        "defocusAngle",
+        "voltage",
+        "sphericalAberration",
+        "x",
+    ]
+)
+_npz_values = st.one_of(
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-5, 300),
+    st.text(max_size=5),
+    st.lists(st.floats(-1e5, 1e5), min_size=0, max_size=3),
+)
+
+
+@FUZZ
+@given(st.dictionaries(_npz_keys, _npz_values, max_size=10), st.booleans())
+def test_npz_readers_fuzz(tmp_path, fields, garbage) -> None:
+    path = tmp_path / "f.npz"
+    if garbage:
+        path.write_bytes(repr(fields).encode())
+    else:
+        np.savez(
+            path,
+            **{
+                k: np.array(v, dtype=object) if v is None else np.asarray(v)
+                for k, v in fields.items()
+            },
+        )
+    for reader in (ImageParameters.load, LensParameters.load):
+        try:
+            reader(path)
+        except ParameterFileError as exc:
+            assert str(path) in str(exc) or "lens parameters" in str(exc)
