@@ -578,7 +578,9 @@ def test_driver_sigkill_then_resume(bigger, tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ fuzzing
 FUZZ = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=int(os.environ.get("CRYOLIKE_DASK_FUZZ_EXAMPLES", "60")),  # more: set it higher
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 _star_tokens = st.sampled_from(

@@ -22,8 +22,17 @@ from cryolike_dask.params.npz import ParameterFileError, read_npz, require
 ASTIGMATISM_CONVENTIONS = ("cryolike", "relion")
 
 
+def _numbers(value: Any, name: str, source: str) -> np.ndarray:
+    try:
+        return np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    except (TypeError, ValueError):
+        raise ParameterFileError(
+            f"{source}: field {name!r} is not numeric ({str(value)[:40]!r})"
+        ) from None
+
+
 def _per_image(value: Any, n: int | None, name: str, source: str) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    arr = _numbers(value, name, source)
     if n is not None and arr.size == 1 and n != 1:
         arr = np.full(n, arr[0])
     if n is not None and arr.size != n:
@@ -38,7 +47,7 @@ def _per_image(value: Any, n: int | None, name: str, source: str) -> np.ndarray:
 
 
 def _single(value: Any, name: str, source: str) -> float:
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    arr = _numbers(value, name, source)
     if arr.size == 0 or not np.all(arr == arr[0]):
         raise ParameterFileError(
             f"{source}: field {name!r} must have a single value for all images, got "
@@ -256,5 +265,8 @@ class LensParameters:
 def _scalar_or_first(value: Any, default: float) -> float:
     if value is None:
         return default
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    try:
+        arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    except (TypeError, ValueError):
+        return default  # unused by the CTF (B-factor, scale factor): carried when readable
     return float(arr[0]) if arr.size else default
