@@ -350,24 +350,27 @@ def execute(
     n_templates = [run.templates.n_templates(k) for k in run.structures]
     params = run.templates.parameters
     grid = params.polar_grid
-    complex_bytes = Precision.parse(run.precision).resolve().complex_dtype.itemsize
     budget = memory_bytes or worker_memory(client, ClusterOptions(scheduler=scheduler), run.device)
-    plan = planning.plan_blocks(
-        run.images.n_images,
-        max(n_templates),
-        grid.n_shells,
-        grid.n_inplanes,
-        run.displacements.n_displacements,
-        complex_bytes=complex_bytes,
-        memory_bytes=budget,
-        templates_per_block=run.templates_per_block,
-        images_per_block=run.images_per_block,
-        full=run.request.full,
-        work_bytes=run.work_bytes,
-        max_tasks=run.max_tasks,
-        split_every=run.split_every,
-        min_tasks=2 * total_threads(client),
-    )
+
+    def plan_for(templates_per_block: int | None, images_per_block: int | None):
+        return planning.plan_blocks(
+            run.images.n_images,
+            max(n_templates),
+            grid.n_shells,
+            grid.n_inplanes,
+            run.displacements.n_displacements,
+            complex_bytes=Precision.parse(run.precision).resolve().complex_dtype.itemsize,
+            memory_bytes=budget,
+            templates_per_block=templates_per_block,
+            images_per_block=images_per_block,
+            full=run.request.full,
+            work_bytes=run.work_bytes,
+            max_tasks=run.max_tasks,
+            split_every=run.split_every,
+            min_tasks=2 * total_threads(client),
+        )
+
+    plan = plan_for(run.templates_per_block, run.images_per_block)
     if run.validate_data:  # before anything is written
         _validate_data(run, plan, client, scheduler)
     results = _open_results(run, fp, plan, log)
@@ -376,21 +379,7 @@ def execute(
             f"resuming {results.path}: keeping its blocks of {results.image_block} images and "
             f"{results.template_block} templates"
         )
-        plan = planning.plan_blocks(
-            run.images.n_images,
-            max(n_templates),
-            grid.n_shells,
-            grid.n_inplanes,
-            run.displacements.n_displacements,
-            complex_bytes=complex_bytes,
-            memory_bytes=budget,
-            templates_per_block=results.template_block,
-            images_per_block=results.image_block,
-            full=run.request.full,
-            work_bytes=run.work_bytes,
-            max_tasks=run.max_tasks,
-            split_every=run.split_every,
-        )
+        plan = plan_for(results.template_block, results.image_block)
     report.plan = plan
     log(planning.describe(plan))
     layout = OutputLayout(Path(run.output))
