@@ -28,7 +28,12 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         metavar="W",
         help="LocalCluster worker processes (default: 1 on CPUs, one per GPU)",
     )
-    g.add_argument("--threads-per-worker", type=int, metavar="T", help="threads per worker (default: one per core on CPUs, 1 on GPUs)")
+    g.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="T",
+        help="threads per worker (default: one per core on CPUs, 1 on GPUs)",
+    )
     g.add_argument(
         "--memory-limit",
         metavar="BYTES",
