@@ -211,8 +211,8 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     from cryolike_dask.grids.displacement import DisplacementGrid
     from cryolike_dask.io.exports import OutputRequest
     from cryolike_dask.io.sources import open_particles, open_templates
-    from cryolike_dask.kernels.backend import has_gpu
     from cryolike_dask.params.image import ImageParameters
+    from cryolike_dask.pipeline.cluster import resolve_device
     from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood, validate
 
     params = ImageParameters.load(args.params)
@@ -225,7 +225,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
         args.n_displacements_y,
         params.pixel_size[0],
     )
-    device = ("gpu" if has_gpu() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     run = LikelihoodRun(
         templates=templates,
         images=images,
@@ -528,32 +528,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from cryolike_dask.params.image import ImageParameters
     from cryolike_dask.pipeline import convert_particles as cp
 
-    forms = [
-        bool(args.mrcs),
-        args.cs is not None,
-        args.cryosparc_job is not None,
-        bool(args.star) and not args.mrcs,
-    ]
-    if sum(forms) != 1:
-        raise ValueError(
-            "give exactly one input form: --mrcs ... --star ...; --star FILE --mrc-folder DIR; "
-            "--cs FILE --mrc-folder DIR; or --cryosparc-job DIR"
-        )
     params = ImageParameters.load(args.params)
-    kw = {"pixel_size": args.pixel_size, "batch_size": args.batch_size}
-    if args.mrcs:
-        particles = cp.gather_paired(args.mrcs, args.star or [], **kw)
-    elif args.cryosparc_job is not None:
-        particles = cp.gather_cryosparc_job(args.cryosparc_job, **kw)
-    else:
-        if args.mrc_folder is None:
-            raise ValueError("--mrc-folder DIR is needed with an indexed --star or --cs")
-        if args.cs is not None:
-            particles = cp.gather_cs(args.cs, args.mrc_folder, **kw)
-        else:
-            if len(args.star) != 1:
-                raise ValueError("an indexed conversion takes one --star file")
-            particles = cp.gather_indexed_star(args.star[0], args.mrc_folder, **kw)
+    particles = cp.gather(
+        mrcs=args.mrcs,
+        star=args.star,
+        cs=args.cs,
+        mrc_folder=args.mrc_folder,
+        cryosparc_job=args.cryosparc_job,
+        pixel_size=args.pixel_size,
+        batch_size=args.batch_size,
+    )
     store = cp.convert_particles(
         particles,
         params,

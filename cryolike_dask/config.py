@@ -208,9 +208,8 @@ def run_config(
     from cryolike_dask.io.exports import OutputRequest
     from cryolike_dask.io.sources import open_particles, open_templates
     from cryolike_dask.io.stitch import stitch
-    from cryolike_dask.kernels.backend import has_gpu
     from cryolike_dask.pipeline import convert_particles as cp
-    from cryolike_dask.pipeline.cluster import ClusterOptions
+    from cryolike_dask.pipeline.cluster import ClusterOptions, resolve_device
     from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood
     from cryolike_dask.pipeline.make_templates import make_templates
     from cryolike_dask.plots import plot_output_folder
@@ -309,15 +308,15 @@ def run_config(
         if folder.exists() and _step_done(folder, key):
             log(f"particles: {particles_path} (complete, skipped)")
         else:
-            kw = {"pixel_size": pa.pixel_size, "batch_size": pa.batch_size}
-            if pa.mrcs:
-                particles = cp.gather_paired(pa.mrcs, pa.star, **kw)
-            elif pa.cryosparc_job is not None:
-                particles = cp.gather_cryosparc_job(pa.cryosparc_job, **kw)
-            elif pa.cs is not None:
-                particles = cp.gather_cs(pa.cs, pa.mrc_folder, **kw)
-            else:
-                particles = cp.gather_indexed_star(pa.star[0], pa.mrc_folder, **kw)
+            particles = cp.gather(
+                mrcs=pa.mrcs,
+                star=pa.star,
+                cs=pa.cs,
+                mrc_folder=pa.mrc_folder,
+                cryosparc_job=pa.cryosparc_job,
+                pixel_size=pa.pixel_size,
+                batch_size=pa.batch_size,
+            )
             cp.convert_particles(
                 particles,
                 params,
@@ -340,7 +339,7 @@ def run_config(
     structures = (
         tuple(range(templates.n_structures)) if lc.structures == "all" else tuple(lc.structures)
     )
-    device = ("gpu" if has_gpu() else "cpu") if lc.device == "auto" else lc.device
+    device = resolve_device(lc.device)
     run = LikelihoodRun(
         templates=templates,
         images=images,

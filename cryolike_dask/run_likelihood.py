@@ -32,9 +32,8 @@ from cryolike_dask.grids.displacement import DisplacementGrid
 from cryolike_dask.io.cryolike import check_stacks_exist
 from cryolike_dask.io.exports import OutputRequest
 from cryolike_dask.io.sources import open_particles, open_templates
-from cryolike_dask.kernels.backend import has_gpu
 from cryolike_dask.params.image import ImageParameters
-from cryolike_dask.pipeline.cluster import ClusterOptions
+from cryolike_dask.pipeline.cluster import ClusterOptions, resolve_device
 from cryolike_dask.pipeline.driver import LikelihoodRun, RunReport
 from cryolike_dask.pipeline.driver import run_likelihood as _run
 
@@ -119,12 +118,6 @@ def configure_displacement(
     return DisplacementConfig(max_displacement_pixels, n_displacements_x, n_displacements_y)
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        return "gpu" if has_gpu() else "cpu"
-    return device
-
-
 def _run_wrapper(
     file_config: LikelihoodFiles,
     params_input: str | ImageParameters,
@@ -169,7 +162,7 @@ def _run_wrapper(
         displacements=displacements,
         request=request,
         precision=options.pop("precision", None) or params.precision.resolve().value,
-        device=_device(options.pop("device", "auto")),
+        device=resolve_device(options.pop("device", "auto")),
         templates_per_block=None if auto else n_templates_per_batch,
         images_per_block=None if auto else n_images_per_batch,
         skip_exist=skip_exist,

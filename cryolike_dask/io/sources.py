@@ -32,6 +32,16 @@ def _file_id(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def _check_parameters(
+    path: str | os.PathLike, parameters: ImageParameters | None, stored: ImageParameters
+) -> None:
+    """A store must use the run's grids (when the run gives parameters)."""
+    if parameters is not None:
+        diffs = parameters.incompatibilities(stored)
+        if diffs:
+            raise StoreError(f"{path}: image parameters differ from the run's: " + "; ".join(diffs))
+
+
 # ------------------------------------------------------------------------------ images
 @dataclass(frozen=True)
 class ImageSource:
@@ -155,12 +165,7 @@ class ZarrImages(ImageSource):
     ) -> ZarrImages:
         """Open and check against ``parameters``; keep only the first ``n_stacks`` stacks."""
         store = ImageStore.open(path)
-        if parameters is not None:
-            diffs = parameters.incompatibilities(store.parameters)
-            if diffs:
-                raise StoreError(
-                    f"{path}: image parameters differ from the run's: " + "; ".join(diffs)
-                )
+        _check_parameters(path, parameters, store.parameters)
         stacks = store.stacks or [StackInfo("all", 0, store.n_images, str(path))]
         if n_stacks is not None:
             if not 1 <= n_stacks <= len(stacks):
@@ -290,12 +295,7 @@ class ZarrTemplates(TemplateSource):
         cls, path: str | os.PathLike, parameters: ImageParameters | None = None
     ) -> ZarrTemplates:
         store = TemplateStore.open(path)
-        if parameters is not None:
-            diffs = parameters.incompatibilities(store.parameters)
-            if diffs:
-                raise StoreError(
-                    f"{path}: image parameters differ from the run's: " + "; ".join(diffs)
-                )
+        _check_parameters(path, parameters, store.parameters)
         header = dict(store.group.attrs)["cryolike_dask"]
         return cls(
             parameters or store.parameters,

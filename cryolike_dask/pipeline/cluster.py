@@ -70,6 +70,15 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"gpu"`` when CuPy sees a CUDA GPU, else ``"cpu"``; others unchanged."""
+    if device == "auto":
+        from cryolike_dask.kernels.backend import has_gpu
+
+        return "gpu" if has_gpu() else "cpu"
+    return device
+
+
 def local_cluster_size(
     device: str, n_workers: int | None = None, threads_per_worker: int | None = None
 ) -> tuple[int, int]:

@@ -336,6 +336,38 @@ def gather_cryosparc_job(
     )
 
 
+def gather(
+    *,
+    mrcs: list | None = None,
+    star: list | None = None,
+    cs: str | os.PathLike | None = None,
+    mrc_folder: str | os.PathLike | None = None,
+    cryosparc_job: str | os.PathLike | None = None,
+    pixel_size: float | None = None,
+    batch_size: int = 1024,
+) -> ParticleSet:
+    """The particle set of exactly one input form (see the module docstring)."""
+    mrcs, star = list(mrcs or []), list(star or [])
+    forms = [bool(mrcs), cs is not None, cryosparc_job is not None, bool(star) and not mrcs]
+    if sum(forms) != 1:
+        raise ConversionError(
+            "give exactly one input form: --mrcs ... --star ...; --star FILE --mrc-folder DIR; "
+            "--cs FILE --mrc-folder DIR; or --cryosparc-job DIR"
+        )
+    kw = {"pixel_size": pixel_size, "batch_size": batch_size}
+    if mrcs:
+        return gather_paired(mrcs, star, **kw)
+    if cryosparc_job is not None:
+        return gather_cryosparc_job(cryosparc_job, **kw)
+    if mrc_folder is None:
+        raise ConversionError("--mrc-folder DIR is needed with an indexed --star or --cs")
+    if cs is not None:
+        return gather_cs(cs, mrc_folder, **kw)
+    if len(star) != 1:
+        raise ConversionError("an indexed conversion takes one --star file")
+    return gather_indexed_star(star[0], mrc_folder, **kw)
+
+
 def check_against_parameters(
     particles: ParticleSet, params: ImageParameters, downsample: int = 1
 ) -> None:
@@ -507,6 +539,7 @@ __all__ = [
     "ParticleSet",
     "check_against_parameters",
     "convert_particles",
+    "gather",
     "gather_cryosparc_job",
     "gather_cs",
     "gather_indexed_star",
