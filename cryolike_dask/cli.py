@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from cryolike_dask import __version__
+from cryolike_dask.errors import CryoLikeDaskError
 
-#: Errors that mean "bad input": printed as one line, exit status 2, no traceback.
+#: Errors that mean "bad input, option or environment": one line, exit status 2, no
+#: traceback. Anything else is a bug and shows as one.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    FileExistsError,
+    CryoLikeDaskError,
     FileNotFoundError,
-    IndexError,
     PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
 )
 
 
@@ -128,14 +131,14 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=-1,
         metavar="NX",
-        help="displacements along x; -1 = no search along x (default)",
+        help="displacements along x, e.g. 5 (default -1: no search along x)",
     )
     d.add_argument(
         "--n-displacements-y",
         type=int,
         default=-1,
         metavar="NY",
-        help="displacements along y; -1 = no search along y (default)",
+        help="displacements along y, e.g. 5 (default -1: no search along y)",
     )
     o = p.add_argument_group("outputs (the optimal pose is always written)")
     o.add_argument(
@@ -165,8 +168,14 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--skip-exist",
         action="store_true",
-        help="skip stacks whose outputs are complete (checked) and resume "
-        "unfinished runs without recomputing finished blocks",
+        help="resume the same run: skip stacks whose outputs are complete (checked) and "
+        "blocks already done",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of another run in OUTPUT (all removed first); without it "
+        "such a folder is refused",
     )
     r.add_argument(
         "--templates-per-block",
@@ -207,51 +216,41 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_likelihood)
 
 
-def _cmd_likelihood(args: argparse.Namespace) -> int:
-    from cryolike_dask.grids.displacement import DisplacementGrid
-    from cryolike_dask.io.exports import OutputRequest
-    from cryolike_dask.io.sources import open_particles, open_templates
-    from cryolike_dask.params.image import ImageParameters
-    from cryolike_dask.pipeline.cluster import resolve_device
-    from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood, validate
+def likelihood_options(args: argparse.Namespace):
+    """The shared :class:`~cryolike_dask.pipeline.spec.LikelihoodOptions` of the flags."""
+    from cryolike_dask.pipeline.spec import LikelihoodOptions
 
-    params = ImageParameters.load(args.params)
-    templates = open_templates(args.templates, params)
-    images = open_particles(args.particles, params, args.n_stacks, args.astigmatism_convention)
-    structures = tuple(range(templates.n_structures)) if args.all_templates else (args.i_template,)
-    displacements = DisplacementGrid.from_search(
-        args.max_displacement_pixels,
-        args.n_displacements_x,
-        args.n_displacements_y,
-        params.pixel_size[0],
-    )
-    device = resolve_device(args.device)
-    run = LikelihoodRun(
-        templates=templates,
-        images=images,
-        output=args.output,
-        structures=structures,
-        displacements=displacements,
-        request=OutputRequest(
-            optimal_pose=True,
-            integrated=args.integrated_likelihood,
-            optimal_likelihood=args.optimal_pose_likelihood,
-            per_template=args.per_template,
-            full=args.full_cross_correlation,
-        ),
-        precision=args.precision or params.precision.resolve().value,
-        device=device,
+    return LikelihoodOptions.parse(
+        structures="all" if args.all_templates else [args.i_template],
+        n_stacks=args.n_stacks,
+        max_displacement_pixels=args.max_displacement_pixels,
+        n_displacements_x=args.n_displacements_x,
+        n_displacements_y=args.n_displacements_y,
+        integrated_likelihood=args.integrated_likelihood,
+        optimal_pose_likelihood=args.optimal_pose_likelihood,
+        per_template=args.per_template,
+        full_cross_correlation=args.full_cross_correlation,
         templates_per_block=args.templates_per_block,
         images_per_block=args.images_per_block,
+        max_tasks_per_graph=args.max_tasks_per_graph,
+        precision=args.precision,
+        device=args.device,
+        astigmatism_convention=args.astigmatism_convention,
         skip_exist=args.skip_exist,
+        overwrite=args.overwrite,
         export_pt=not args.no_pt,
-        max_tasks=args.max_tasks_per_graph,
     )
-    validate(run)  # before printing anything about the run
-    print(
-        f"cryolike-dask {__version__}: {images.n_images} images × "
-        f"{', '.join(templates.names[k] for k in structures)} on {device}"
-    )
+
+
+def _cmd_likelihood(args: argparse.Namespace) -> int:
+    from cryolike_dask.params.image import ImageParameters
+    from cryolike_dask.pipeline.driver import run_likelihood
+
+    options = likelihood_options(args)
+    params = ImageParameters.load(args.params)
+    run = options.build(args.templates, args.particles, params, args.output)
+    names = ", ".join(run.templates.names[k] for k in run.structures)
+    print(f"cryolike-dask {__version__}: {run.images.n_images} images × {names}")
     report = run_likelihood(run, _cluster(args), progress=not args.no_progress)
     print(
         f"done in {report.seconds:.1f} s: {report.blocks_computed} blocks computed, "
@@ -303,7 +302,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from cryolike_dask.params.image import ImageParameters
 
     if args.templates is None and args.particles is None:
-        raise ValueError("nothing to import: give --templates and/or --particles")
+        raise CryoLikeDaskError("nothing to import: give --templates and/or --particles")
     params = ImageParameters.load(args.params)
     if args.templates is not None:
         path = import_cryolike_templates(
@@ -330,10 +329,25 @@ def _params_parser(sub: argparse._SubParsersAction) -> None:
         "make-params",
         help="write the image parameters (CryoLike's parameters.npz)",
         description="Writes the parameters that fix the polar grid, viewing directions and "
-        "atom model (CryoLike's ImageDescriptor.from_individual_values).",
+        "atom model (CryoLike's ImageDescriptor.from_individual_values). Sizes are those of "
+        "the images the likelihood compares, i.e. after downsampling. Prints the number of "
+        "viewing directions and their angular step: the work grows with that number.",
     )
-    p.add_argument("--n-pixels", type=int, required=True, metavar="N", help="image size, pixels")
-    p.add_argument("--pixel-size", type=float, required=True, metavar="A", help="pixel size, Å")
+    p.add_argument(
+        "--n-pixels",
+        type=int,
+        required=True,
+        metavar="N",
+        help="image size in pixels, after any downsampling (convert-particles --downsample K "
+        "turns 256-px particles into 256/K)",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        required=True,
+        metavar="A",
+        help="pixel size in Å after downsampling (the micrograph pixel × K)",
+    )
     p.add_argument("--output", type=Path, required=True, metavar="FILE", help="the .npz to write")
     p.add_argument("--precision", choices=["single", "double"], default="single")
     p.add_argument(
@@ -347,7 +361,8 @@ def _params_parser(sub: argparse._SubParsersAction) -> None:
         "--viewing-distance",
         type=float,
         metavar="VD",
-        help="spacing of viewing directions on the unit sphere (default 1/(4π F))",
+        help="spacing of viewing directions on the unit sphere (default 1/(4π F): 2370 "
+        "directions, ~4° apart; 8/(4π) gives 96, ~21° apart)",
     )
     p.add_argument(
         "--n-inplanes", type=int, metavar="W", help="in-plane angles (default 2 × n_pixels)"
@@ -388,10 +403,11 @@ def _cmd_params(args: argparse.Namespace) -> int:
     )
     path = params.save(args.output, overwrite=args.overwrite)
     grid = params.polar_grid
+    angles = params.viewing_angles
     print(
         f"{path}: {params.n_pixels[0]} px of {params.pixel_size[0]:g} Å, {grid.n_shells} "
-        f"shells × {grid.n_inplanes} angles, {params.viewing_angles.n_angles} viewing "
-        "directions"
+        f"shells × {grid.n_inplanes} in-plane angles ({360 / grid.n_inplanes:.2g}° apart), "
+        f"{angles.n_angles} viewing directions (~{angles.step_degrees():.1f}° apart)"
     )
     return 0
 
@@ -702,19 +718,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record comes (it may be replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """The library logs through ``logging`` (quiet by default); the CLI shows its INFO lines."""
+    logger = logging.getLogger("cryolike_dask")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+    logger.setLevel(logging.INFO)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, CryoLikeDaskError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with a one-line message)."""
+    """Entry point; returns the exit status (2 for bad input, with a one-line message;
+    130 after Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     warnings.simplefilter("default", UserWarning)
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"cryolike-dask {args.command}: warning: {message}\n"
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line
+    _configure_logging()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
-        print(f"cryolike-dask {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cryolike-dask {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from cryolike_dask.pipeline.cluster import _quiet_shutdown
+
+        _quiet_shutdown()
+        hint = " (rerun with --skip-exist to resume)" if args.command == "likelihood" else ""
+        print(f"cryolike-dask {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

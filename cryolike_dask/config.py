@@ -11,18 +11,22 @@ earlier results stale is refused with a message naming it. See
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.params.image import ImageParameters
+from cryolike_dask.pipeline.spec import LikelihoodOptions
+
+logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(CryoLikeDaskError):
     """The configuration file is invalid or inconsistent with earlier results."""
 
 
@@ -101,22 +105,11 @@ class ParticlesConfig(_Model):
         return self
 
 
-class LikelihoodConfig(_Model):
-    """The likelihood run (the options of ``cryolike-dask likelihood``)."""
+class LikelihoodConfig(LikelihoodOptions):
+    """The likelihood run: the shared options of ``cryolike-dask likelihood`` (integrated
+    likelihood on by default; the step always resumes, as ``--skip-exist``)."""
 
-    structures: Literal["all"] | list[int] = "all"
-    n_stacks: int | None = Field(None, gt=0)
-    max_displacement_pixels: float = Field(8.0, ge=0)
-    n_displacements_x: int = -1
-    n_displacements_y: int = -1
     integrated_likelihood: bool = True
-    optimal_pose_likelihood: bool = False
-    per_template: bool = False
-    full_cross_correlation: bool = False
-    templates_per_block: int | None = Field(None, gt=0)
-    images_per_block: int | None = Field(None, gt=0)
-    precision: Literal["single", "double"] | None = None
-    device: Literal["auto", "cpu", "gpu"] = "auto"
 
 
 class ClusterConfig(_Model):
@@ -200,22 +193,12 @@ def _mark(folder: Path, key: dict) -> None:
     (folder / ".complete.json").write_text(json.dumps(key, default=str, indent=1))
 
 
-def run_config(
-    cfg: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print
-) -> dict[str, Path]:
-    """Run every step of ``cfg``, skipping completed ones; returns the main outputs."""
-    from cryolike_dask.grids.displacement import DisplacementGrid
-    from cryolike_dask.io.exports import OutputRequest
-    from cryolike_dask.io.sources import open_particles, open_templates
-    from cryolike_dask.io.stitch import stitch
-    from cryolike_dask.pipeline import convert_particles as cp
-    from cryolike_dask.pipeline.cluster import ClusterOptions, resolve_device
-    from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood
-    from cryolike_dask.pipeline.make_templates import make_templates
-    from cryolike_dask.plots import plot_output_folder
+def run_config(cfg: RunConfig, *, progress: bool = True, client: Any = None) -> dict[str, Path]:
+    """Run every step of ``cfg``, skipping completed ones, on one Dask client (``client``, the
+    active one, the config's cluster or one new LocalCluster for all steps); returns the main
+    outputs."""
+    from cryolike_dask.pipeline.cluster import ClusterOptions, get_client
 
-    out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
     c = cfg.cluster
     cluster = ClusterOptions(
         c.scheduler_address,
@@ -225,8 +208,28 @@ def run_config(
         c.memory_limit,
         c.scheduler,
     )
-    outputs: dict[str, Path] = {}
+    device = cfg.likelihood.device
+    if device == "auto":
+        from cryolike_dask.pipeline.cluster import resolve_device
 
+        device = resolve_device("auto")
+    with get_client(cluster, device, client) as session:
+        return _run_steps(cfg, cluster, session, progress)
+
+
+def _run_steps(cfg: RunConfig, cluster: Any, client: Any, progress: bool) -> dict[str, Path]:
+    from cryolike_dask.io.stitch import stitch
+    from cryolike_dask.pipeline import convert_particles as cp
+    from cryolike_dask.pipeline.driver import OutputFolderInUseError, run_likelihood
+    from cryolike_dask.pipeline.make_templates import make_templates
+    from cryolike_dask.plots import plot_output_folder
+
+    log = logger.info
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    if client is not None and getattr(client, "dashboard_link", None):
+        log(f"Dask dashboard: {client.dashboard_link}")
+    outputs: dict[str, Path] = {}
     # 1. parameters
     pc = cfg.parameters
     if pc.file is not None:
@@ -284,8 +287,8 @@ def run_config(
                 voxel_size=tc.voxel_size,
                 overwrite=True,
                 cluster=cluster,
+                client=client,
                 progress=progress,
-                log=log,
             )
             _mark(folder, key)
             log(f"templates: {templates_path}")
@@ -325,65 +328,35 @@ def run_config(
                 convention=pa.astigmatism_convention,
                 overwrite=True,
                 cluster=cluster,
+                client=client,
                 progress=progress,
-                log=log,
             )
             _mark(folder, key)
             log(f"particles: {particles_path}")
     outputs["particles"] = particles_path
 
     # 4. likelihood (resumes by itself)
-    lc = cfg.likelihood
-    templates = open_templates(templates_path, params)
-    images = open_particles(particles_path, params, lc.n_stacks)
-    structures = (
-        tuple(range(templates.n_structures)) if lc.structures == "all" else tuple(lc.structures)
-    )
-    device = resolve_device(lc.device)
-    run = LikelihoodRun(
-        templates=templates,
-        images=images,
-        output=out / "likelihood",
-        structures=structures,
-        displacements=DisplacementGrid.from_search(
-            lc.max_displacement_pixels,
-            lc.n_displacements_x,
-            lc.n_displacements_y,
-            params.pixel_size[0],
-        ),
-        request=OutputRequest(
-            integrated=lc.integrated_likelihood,
-            optimal_likelihood=lc.optimal_pose_likelihood,
-            per_template=lc.per_template,
-            full=lc.full_cross_correlation,
-        ),
-        precision=lc.precision or params.precision.resolve().value,
-        device=device,
-        templates_per_block=lc.templates_per_block,
-        images_per_block=lc.images_per_block,
-        skip_exist=True,
-    )
+    options = cfg.likelihood.model_copy(update={"skip_exist": not cfg.likelihood.overwrite})
+    run = options.build(templates_path, particles_path, params, out / "likelihood")
     try:
-        report = run_likelihood(run, cluster, progress=progress, log=log)
-        log(
-            f"likelihood: {report.blocks_computed} blocks computed, {report.blocks_skipped} "
-            f"already done, {report.stacks_exported} stacks written"
-        )
-    except ValueError as exc:
-        if "--skip-exist" in str(exc):
-            raise ConfigError(
-                f"{out / 'likelihood'}: holds results of other settings ({exc}); use a new "
-                "output folder or delete it"
-            ) from None
-        raise
+        report = run_likelihood(run, cluster, client=client, progress=progress)
+    except OutputFolderInUseError as exc:
+        raise ConfigError(
+            f"{out / 'likelihood'}: holds results of other settings ({exc}); use a new "
+            "output folder or delete it"
+        ) from None
+    log(
+        f"likelihood: {report.blocks_computed} blocks computed, {report.blocks_skipped} "
+        f"already done, {report.stacks_exported} stacks written"
+    )
     outputs["likelihood"] = out / "likelihood"
 
     # 5. matrices and plots
     if cfg.stitch:
         written = stitch(
             out / "likelihood",
-            integrated=lc.integrated_likelihood,
-            optimal=lc.optimal_pose_likelihood,
+            integrated=cfg.likelihood.integrated_likelihood,
+            optimal=cfg.likelihood.optimal_pose_likelihood,
         )
         outputs["matrices"] = next(iter(written.values())).parent
         log(f"matrices: {outputs['matrices']}")

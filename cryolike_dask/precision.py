@@ -6,6 +6,8 @@ from enum import Enum
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
+
 
 class Precision(str, Enum):
     """Floating-point precision of a computation or of stored arrays.
@@ -26,7 +28,7 @@ class Precision(str, Enum):
         try:
             return cls(str(value).strip().lower())
         except ValueError:
-            raise ValueError(
+            raise ParameterError(
                 f"precision must be one of 'single', 'double', 'default', not {value!r}"
             ) from None
 

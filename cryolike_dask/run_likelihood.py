@@ -20,22 +20,29 @@ viewing weights. Extra keyword arguments choose the cluster (``n_workers``,
 ``scheduler_address``, ``scheduler_file``, ``scheduler="sync"``), the device and progress
 display. ``n_templates_per_batch`` / ``n_images_per_batch`` set the Dask block sizes; left
 ``None`` (or with ``estimate_batch_size=True``) they are planned from the worker memory.
+
+Where it runs: the session's active Dask client if there is one (or ``client=``, or
+``scheduler_address=`` / ``scheduler_file=``); otherwise a LocalCluster whose workers are
+threads of this process, so that a top-level script with no ``if __name__ == "__main__":``
+guard runs as CryoLike scripts do (``processes=True`` asks for worker processes instead).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 from cryolike_dask.grids.displacement import DisplacementGrid
 from cryolike_dask.io.cryolike import check_stacks_exist
-from cryolike_dask.io.exports import OutputRequest
-from cryolike_dask.io.sources import open_particles, open_templates
 from cryolike_dask.params.image import ImageParameters
-from cryolike_dask.pipeline.cluster import ClusterOptions, resolve_device
-from cryolike_dask.pipeline.driver import LikelihoodRun, RunReport
+from cryolike_dask.pipeline.cluster import ClusterOptions, active_client
+from cryolike_dask.pipeline.driver import RunReport
 from cryolike_dask.pipeline.driver import run_likelihood as _run
+from cryolike_dask.pipeline.spec import LikelihoodOptions, OutputRequest
 
 __all__ = [
     "DisplacementConfig",
@@ -146,30 +153,47 @@ def _run_wrapper(
         )
     if n_stacks > file_config.n_stacks:
         check_stacks_exist(file_config.folder_particles, n_stacks)
-    templates = open_templates(file_config.folder_templates, params)
-    images = open_particles(file_config.folder_particles, params, n_stacks)
-    displacements = (
-        displacer.grid(params.pixel_size[0])
-        if isinstance(displacer, DisplacementConfig)
-        else displacer
-    )
     auto = estimate_batch_size or options.pop("discover_batch_size", False)
-    run = LikelihoodRun(
-        templates=templates,
-        images=images,
-        output=file_config.folder_output,
-        structures=(int(template_index),),
-        displacements=displacements,
-        request=request,
-        precision=options.pop("precision", None) or params.precision.resolve().value,
-        device=resolve_device(options.pop("device", "auto")),
+    if not isinstance(displacer, DisplacementConfig):  # a grid given directly
+        grid = displacer
+        displacer = DisplacementConfig()
+    else:
+        grid = None
+    run_options = LikelihoodOptions.parse(
+        structures=[int(template_index)],
+        n_stacks=n_stacks,
+        max_displacement_pixels=displacer.max_displacement_pixels,
+        n_displacements_x=displacer.n_displacements_x,
+        n_displacements_y=displacer.n_displacements_y,
+        optimal_pose=request.optimal_pose,
+        integrated_likelihood=request.integrated,
+        optimal_pose_likelihood=request.optimal_likelihood,
+        full_cross_correlation=request.full,
         templates_per_block=None if auto else n_templates_per_batch,
         images_per_block=None if auto else n_images_per_batch,
+        precision=options.pop("precision", None),
+        device=options.pop("device", "auto"),
         skip_exist=skip_exist,
+        overwrite=options.pop("overwrite", False),
     )
+    run = run_options.build(
+        file_config.folder_templates,
+        file_config.folder_particles,
+        params,
+        file_config.folder_output,
+    )
+    if grid is not None:
+        run = dataclasses.replace(run, displacements=grid)
     progress = options.pop("progress", True)
+    client = options.pop("client", None)
+    # A CryoLike script is often a plain top-level script: without a client or a cluster
+    # address, run the workers in this process (no spawned interpreters re-importing it).
+    options.setdefault("processes", False)
     cluster = ClusterOptions(**options)
-    return _run(run, cluster, progress=progress)
+    if client is None and active_client() is None and not cluster.processes:
+        with threadpool_limits(1):  # one BLAS thread per worker thread, as a nanny would set
+            return _run(run, cluster, progress=progress)
+    return _run(run, cluster, client=client, progress=progress)
 
 
 def run_likelihood_optimal_pose(

@@ -377,7 +377,11 @@ def test_earlier_outputs_untouched_by_a_failed_run(ref_copy, tmp_path, capsys) -
     images[0] = float("nan")
     torch.save(images, ref_copy / f"{STACK1}.pt")
     capsys.readouterr()
-    _fails(capsys, _likelihood(ref_copy, out), "NaN or infinite")
+    # the inputs changed: another run, refused before anything is read or written
+    _fails(capsys, _likelihood(ref_copy, out), "holds results of another run", "--overwrite")
+    assert _snapshot(out) == before
+    # asked to replace it, the run still checks the data before removing anything
+    _fails(capsys, _likelihood(ref_copy, out, "--overwrite"), "NaN or infinite")
     assert _snapshot(out) == before
 
 

@@ -11,7 +11,6 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from cryolike_dask.grids import DisplacementGrid
-from cryolike_dask.io.exports import OutputRequest
 from cryolike_dask.io.models import read_atoms
 from cryolike_dask.io.mrc import write_images, write_volume
 from cryolike_dask.io.sources import ZarrImages, ZarrTemplates
@@ -21,6 +20,7 @@ from cryolike_dask.pipeline import LikelihoodRun, execute
 from cryolike_dask.pipeline import convert_particles as cp
 from cryolike_dask.pipeline.cluster import ClusterOptions
 from cryolike_dask.pipeline.make_templates import make_templates
+from cryolike_dask.pipeline.spec import OutputRequest
 from cryolike_dask.preprocess.synthesis import synthesize_particles
 
 SYNC = ClusterOptions(scheduler="sync")
@@ -69,7 +69,6 @@ def test_round_trip_recovers_poses_and_structure(data_dir, tmp_path) -> None:
         tmp_path / "templates",
         cluster=SYNC,
         progress=False,
-        log=lambda *a: None,
     )
     true_templates = torch.load(tmp_path / "templates" / "templates_fourier_true.pt").numpy()
 
@@ -104,7 +103,7 @@ def test_round_trip_recovers_poses_and_structure(data_dir, tmp_path) -> None:
         [tmp_path / "particles.mrcs"], [_star(tmp_path / "particles.star", lens)], batch_size=16
     )
     store = cp.convert_particles(
-        particles, params, tmp_path / "particles", cluster=SYNC, progress=False, log=lambda *a: None
+        particles, params, tmp_path / "particles", cluster=SYNC, progress=False
     )
 
     run = LikelihoodRun(
@@ -115,7 +114,7 @@ def test_round_trip_recovers_poses_and_structure(data_dir, tmp_path) -> None:
         disp,
         OutputRequest(integrated=True),
     )
-    execute(run, scheduler="sync", progress=False, log=lambda *a: None)
+    execute(run, scheduler="sync", progress=False)
     r = ResultsStore.open(tmp_path / "out" / "results.zarr", mode="r").group
     template = r["optimal_template"][0]
     pose_ok = (

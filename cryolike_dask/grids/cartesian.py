@@ -7,19 +7,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
+
 
 def _pair(value: float | int | tuple | list | np.ndarray, name: str, kind: type) -> tuple:
     arr = np.atleast_1d(np.asarray(value))
     if arr.ndim != 1 or arr.size not in (1, 2):
-        raise ValueError(f"{name} must be a number or a pair of numbers, not {value!r}")
+        raise ParameterError(f"{name} must be a number or a pair of numbers, not {value!r}")
     if arr.size == 1:
         arr = np.repeat(arr, 2)
     out = tuple(kind(v) for v in arr)
     for v in out:
         if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be positive and finite, not {value!r}")
+            raise ParameterError(f"{name} must be positive and finite, not {value!r}")
     if kind is int and not np.all(arr == np.round(arr)):
-        raise ValueError(f"{name} must be whole numbers, not {value!r}")
+        raise ParameterError(f"{name} must be whole numbers, not {value!r}")
     return out
 
 

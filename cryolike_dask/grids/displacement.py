@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
+
 
 class NoTranslationalSearchWarning(UserWarning):
     """A displacement count below 1 was given: no translational search along that axis."""
@@ -15,22 +17,14 @@ class NoTranslationalSearchWarning(UserWarning):
 
 def _axis_count(n: int, axis: str) -> int:
     if int(n) != n:
-        raise ValueError(f"n_displacements_{axis} must be an integer, not {n!r}")
+        raise ParameterError(f"n_displacements_{axis} must be an integer, not {n!r}")
     n = int(n)
     if n < -1:
-        raise ValueError(
+        raise ParameterError(
             f"n_displacements_{axis} must be a positive count, or -1 for no search along "
             f"{axis}; got {n}"
         )
-    if n < 1:
-        warnings.warn(
-            f"n_displacements_{axis} = {n} means 1: no translational search is done along "
-            f"{axis} (only displacement 0 is tried)",
-            NoTranslationalSearchWarning,
-            stacklevel=3,
-        )
-        return 1
-    return n
+    return max(n, 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,12 +45,12 @@ class DisplacementGrid:
         x = np.ascontiguousarray(self.x, dtype=np.float32).ravel()
         y = np.ascontiguousarray(self.y, dtype=np.float32).ravel()
         if x.size != y.size or x.size == 0:
-            raise ValueError(
+            raise ParameterError(
                 f"displacement grid: x and y must be non-empty and of equal length, got "
                 f"{x.size} and {y.size}"
             )
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            raise ValueError("displacement grid: displacements must be finite")
+            raise ParameterError("displacement grid: displacements must be finite")
         x.setflags(write=False)
         y.setflags(write=False)
         object.__setattr__(self, "x", x)
@@ -81,10 +75,23 @@ class DisplacementGrid:
         """
         nx = _axis_count(n_displacements_x, "x")
         ny = _axis_count(n_displacements_y, "y")
+        off = [a for a, n in (("x", n_displacements_x), ("y", n_displacements_y)) if n < 1]
+        if off:
+            counts = ", ".join(
+                f"n_displacements_{a} = {n}"
+                for a, n in (("x", n_displacements_x), ("y", n_displacements_y))
+                if n < 1
+            )
+            warnings.warn(
+                f"{counts} means 1: no translational search is done along {' and '.join(off)} "
+                "(only displacement 0 is tried; give counts such as 5 to search)",
+                NoTranslationalSearchWarning,
+                stacklevel=2,
+            )
         if not (math.isfinite(pixel_size) and pixel_size > 0):
-            raise ValueError(f"pixel_size must be positive, not {pixel_size!r}")
+            raise ParameterError(f"pixel_size must be positive, not {pixel_size!r}")
         if not (math.isfinite(max_displacement_pixels) and max_displacement_pixels >= 0):
-            raise ValueError(
+            raise ParameterError(
                 f"max_displacement_pixels must be >= 0, not {max_displacement_pixels!r}"
             )
         dmax = 0.0 if nx * ny == 1 else float(max_displacement_pixels) * float(pixel_size)
@@ -101,7 +108,7 @@ class DisplacementGrid:
         """From a ``[2, D]`` array (row 0 = x Å, row 1 = y Å), CryoLike's ``displacements_set``."""
         arr = np.asarray(displacements)
         if arr.ndim != 2 or arr.shape[0] != 2:
-            raise ValueError(f"displacements must have shape [2, D], not {arr.shape}")
+            raise ParameterError(f"displacements must have shape [2, D], not {arr.shape}")
         return cls(arr[0], arr[1])
 
     @property

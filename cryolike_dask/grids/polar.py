@@ -16,6 +16,8 @@ from functools import cached_property
 import numpy as np
 from scipy.special import roots_jacobi
 
+from cryolike_dask.errors import ParameterError
+
 #: CryoLike's radial spacing, π/2 / (2π) = 0.25 polar units.
 DEFAULT_DIST_RADII = 0.25
 
@@ -42,11 +44,11 @@ class PolarGrid:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.radius_max) and self.radius_max > 0):
-            raise ValueError(f"radius_max must be a positive number, not {self.radius_max!r}")
+            raise ParameterError(f"radius_max must be a positive number, not {self.radius_max!r}")
         if not (math.isfinite(self.dist_radii) and self.dist_radii > 0):
-            raise ValueError(f"dist_radii must be a positive number, not {self.dist_radii!r}")
+            raise ParameterError(f"dist_radii must be a positive number, not {self.dist_radii!r}")
         if int(self.n_inplanes) != self.n_inplanes or self.n_inplanes < 2:
-            raise ValueError(f"n_inplanes must be an integer >= 2, not {self.n_inplanes!r}")
+            raise ParameterError(f"n_inplanes must be an integer >= 2, not {self.n_inplanes!r}")
         object.__setattr__(self, "radius_max", float(self.radius_max))
         object.__setattr__(self, "dist_radii", float(self.dist_radii))
         object.__setattr__(self, "n_inplanes", int(self.n_inplanes))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import roots_legendre
 
+from cryolike_dask.errors import ParameterError
+
 
 @dataclass(frozen=True, eq=False)
 class ViewingAngles:
@@ -39,12 +41,12 @@ class ViewingAngles:
         arrays["weights"] = np.ascontiguousarray(self.weights, dtype=np.float64).ravel()
         sizes = {a.size for a in arrays.values()}
         if len(sizes) != 1:
-            raise ValueError(
+            raise ParameterError(
                 "viewing angles: azimus, polars, gammas and weights must have the same length, "
                 f"got {[a.size for a in arrays.values()]}"
             )
         if not np.all(np.isfinite(arrays["weights"])) or np.any(arrays["weights"] <= 0):
-            raise ValueError("viewing angles: weights must be positive and finite")
+            raise ParameterError("viewing angles: weights must be positive and finite")
         for name, a in arrays.items():
             a.setflags(write=False)
             object.__setattr__(self, name, a)
@@ -60,7 +62,7 @@ class ViewingAngles:
         """
         vd = float(viewing_distance)
         if not (math.isfinite(vd) and vd > 0):
-            raise ValueError(
+            raise ParameterError(
                 f"viewing_distance must be a positive number, not {viewing_distance!r}"
             )
         a = 2.0 * np.pi / vd
@@ -102,6 +104,11 @@ class ViewingAngles:
         the raw weights instead, spec §17.2).
         """
         return np.log(self.weights) - np.log(np.sum(self.weights))
+
+    def step_degrees(self) -> float:
+        """Typical angle between neighbouring directions, degrees: ``sqrt(4π / S)`` rad, the
+        spacing of ``S`` evenly spread directions."""
+        return float(np.degrees(np.sqrt(4.0 * np.pi / max(self.n_angles, 1))))
 
     def directions(self) -> np.ndarray:
         """Unit projection directions ``(cos α sin β, sin α sin β, cos β)``; float64 ``[S, 3]``."""

@@ -20,11 +20,14 @@ Outputs (``OUT``; ``N`` = template file index, ``SSSSSS`` = stack index)::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError
+from cryolike_dask.io.outputs import Quantity
 from cryolike_dask.io.torch_files import load_tensor
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.params.lens import LensParameters
@@ -33,7 +36,7 @@ from cryolike_dask.params.npz import ParameterFileError, read_npz
 TEMPLATE_LIST = "template_file_list.npy"
 
 
-class CryoLikeFolderError(ValueError):
+class CryoLikeFolderError(CryoLikeDaskError):
     """A CryoLike input folder is missing files or holds inconsistent ones."""
 
 
@@ -207,25 +210,6 @@ def write_stack_npz(
 
 
 # ------------------------------------------------------------------------------ outputs
-OPTIMAL_POSE_FILES = {
-    "cross_correlation": ("cross_correlation", "cross_correlation"),
-    "optimal_template": ("optimal_pose", "optimal_template"),
-    "optimal_displacement_x": ("optimal_pose", "optimal_displacement_x"),
-    "optimal_displacement_y": ("optimal_pose", "optimal_displacement_y"),
-    "optimal_inplane_rotation": ("optimal_pose", "optimal_inplane_rotation"),
-}
-INTEGRATED_FILE = ("log_likelihood", "log_likelihood_integrated_fourier")
-OPTIMAL_LL_FILE = ("log_likelihood", "log_likelihood_optimal_fourier")
-FULL_FILE = ("cross_correlation", "cross_correlation_pose_msdw")
-PER_TEMPLATE_FILES = (
-    "cross_correlation",
-    "optimal_displacement_x",
-    "optimal_displacement_y",
-    "optimal_inplane_rotation",
-    "log_likelihood_integrated_fourier",
-)
-
-
 @dataclass(frozen=True)
 class OutputLayout:
     """Paths of CryoLike's likelihood outputs under ``root``."""
@@ -246,33 +230,21 @@ class OutputLayout:
         return self.template_dir(i_template) / folder / f"{name}_stack_{i_stack:06d}.pt"
 
     def stack_files(
-        self,
-        i_template: int,
-        i_stack: int,
-        *,
-        optimal_pose: bool = True,
-        integrated: bool = False,
-        optimal_likelihood: bool = False,
-        full: bool = False,
-        per_template: bool = False,
+        self, i_template: int, i_stack: int, quantities: Iterable[Quantity]
     ) -> dict[str, Path]:
-        """Every output file of one stack for the requested outputs, keyed by quantity."""
-        out: dict[str, Path] = {}
-        if optimal_pose:
-            for key, (folder, name) in OPTIMAL_POSE_FILES.items():
-                out[key] = self.file(i_template, folder, name, i_stack)
-        if integrated:
-            out["log_likelihood_integrated_fourier"] = self.file(
-                i_template, *INTEGRATED_FILE, i_stack
-            )
-        if optimal_likelihood:
-            out["log_likelihood_optimal_fourier"] = self.file(i_template, *OPTIMAL_LL_FILE, i_stack)
-        if full:
-            out["cross_correlation_pose_msdw"] = self.file(i_template, *FULL_FILE, i_stack)
-        if per_template:
-            for name in PER_TEMPLATE_FILES:
-                out[f"per_template/{name}"] = self.file(i_template, "per_template", name, i_stack)
-        return out
+        """Every output file of one stack for ``quantities``, keyed by quantity name."""
+        return {q.name: self.file(i_template, q.folder, q.stem, i_stack) for q in quantities}
+
+    def run_outputs(self) -> list[Path]:
+        """What a likelihood run writes here (existing paths): results, exports, records,
+        matrices and plots."""
+        names = ["results.zarr", "displacements_set.pt", ".cryolike_dask", "likelihood_matrix"]
+        names.append("plots")
+        found = [self.root / n for n in names if (self.root / n).exists()]
+        found += sorted(
+            p for p in self.root.glob("template*") if p.is_dir() and p.name[8:].isdigit()
+        )
+        return found
 
     def make_tree(self, i_template: int) -> None:
         """Create ``templateN/{log_likelihood,cross_correlation,optimal_pose}`` (as CryoLike)."""

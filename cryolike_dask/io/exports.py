@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cryolike_dask.io.cryolike import OutputLayout
+from cryolike_dask.io.outputs import Quantity
 from cryolike_dask.io.torch_files import (
     TorchFileError,
     file_sha256,
@@ -23,63 +24,9 @@ from cryolike_dask.io.torch_files import (
     save_tensor,
     tensor_header,
 )
-from cryolike_dask.io.zarr_stores import (
-    DONE_FULL,
-    DONE_INTEGRATED,
-    DONE_OPTIMAL_LIKELIHOOD,
-    DONE_OPTIMAL_POSE,
-    DONE_PER_TEMPLATE,
-    ResultsStore,
-    StackInfo,
-)
+from cryolike_dask.io.zarr_stores import ResultsStore, StackInfo
 
 RECORD_DIR = ".cryolike_dask"
-
-
-@dataclass(frozen=True)
-class OutputRequest:
-    """Which outputs a run writes.
-
-    Attributes
-    ----------
-    optimal_pose : bool
-        Best cross-correlation, template, displacements and rotation per image.
-    integrated : bool
-        Integrated log-likelihood per image.
-    optimal_likelihood : bool
-        Log-likelihood at the optimal pose per image.
-    per_template : bool
-        ``[M_stack, S]`` best over (d, w) per image and template (+ integrated if requested).
-    full : bool
-        The full ``[M_stack, S, D, W]`` cross-correlation tensor.
-    """
-
-    optimal_pose: bool = True
-    integrated: bool = False
-    optimal_likelihood: bool = False
-    per_template: bool = False
-    full: bool = False
-
-    @property
-    def bits(self) -> int:
-        """The results store's ``done`` bits these outputs need."""
-        bits = DONE_OPTIMAL_POSE
-        bits |= DONE_INTEGRATED if self.integrated else 0
-        bits |= DONE_OPTIMAL_LIKELIHOOD if self.optimal_likelihood else 0
-        bits |= DONE_PER_TEMPLATE if self.per_template else 0
-        bits |= DONE_FULL if self.full else 0
-        return bits
-
-    def files(self, layout: OutputLayout, structure: int, i_stack: int) -> dict[str, Path]:
-        return layout.stack_files(
-            structure,
-            i_stack,
-            optimal_pose=self.optimal_pose,
-            integrated=self.integrated,
-            optimal_likelihood=self.optimal_likelihood,
-            full=self.full,
-            per_template=self.per_template,
-        )
 
 
 def record_path(layout: OutputLayout, structure: int, i_stack: int) -> Path:
@@ -98,22 +45,21 @@ def export_stack(
     structure: int,
     i_stack: int,
     stack: StackInfo,
-    request: OutputRequest,
+    quantities: Iterable[Quantity],
     fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write one stack's ``.pt`` files from the results store, then its completion record."""
     a, b = stack.start, stack.stop
     layout.make_tree(structure)
-    paths = request.files(layout, structure, i_stack)
-    g = results.group
-    for key, path in paths.items():
-        if key.startswith("per_template/"):
-            name = key.split("/", 1)[1]
-            save_tensor(np.asarray(results.per_template_array(structure, name)[a:b]), path)
-        elif key == "cross_correlation_pose_msdw":
-            _save_full(results, structure, a, b, path)
+    quantities = tuple(quantities)
+    paths = layout.stack_files(structure, i_stack, quantities)
+    for q in quantities:
+        path = paths[q.name]
+        if q.scope == "full":
+            _save_full(results, results.array(q, structure), a, b, path)
         else:
-            save_tensor(np.asarray(g[key][structure, a:b]), path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_tensor(results.read(q, structure, a, b), path)
     record = {
         "stack": stack.__dict__,
         "fingerprint": fingerprint or results.fingerprint,
@@ -127,9 +73,9 @@ def export_stack(
     return paths
 
 
-def _save_full(results: ResultsStore, structure: int, a: int, b: int, path: Path) -> None:
+def _save_full(results: ResultsStore, arr: Any, a: int, b: int, path: Path) -> None:
     """Save ``[a, b)`` of the full tensor through a memory-mapped scratch file (bounded RSS)."""
-    arr = results.full_array(structure)
+    path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.scratch-{os.getpid()}")
     try:
         mm = np.lib.format.open_memmap(
@@ -156,7 +102,7 @@ def verify_stack(
     layout: OutputLayout,
     structure: int,
     i_stack: int,
-    request: OutputRequest,
+    quantities: Iterable[Quantity],
     fingerprint: dict[str, Any] | None = None,
 ) -> tuple[bool, str]:
     """Whether every output file of a stack is complete: ``(ok, reason if not)``.
@@ -177,7 +123,7 @@ def verify_stack(
         json.dumps(fingerprint, default=str)
     ):
         return False, f"{rp}: written by a run with other inputs or settings"
-    for path in request.files(layout, structure, i_stack).values():
+    for path in layout.stack_files(structure, i_stack, quantities).values():
         rel = str(path.relative_to(layout.root))
         if rel not in files:
             return False, f"{path}: not in the completion record"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.params.image import ImageParameters
 
 #: CryoLike's residue radii in Å (3.0 for residue names not listed).
@@ -42,7 +43,7 @@ DEFAULT_RESIDUE_RADIUS = 3.0
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(CryoLikeDaskError):
     """An atomic model is unreadable or selects no atoms."""
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError
 
-class MrcFileError(ValueError):
+
+class MrcFileError(CryoLikeDaskError):
     """An MRC file is missing, unreadable, or not of the expected kind."""
 
 

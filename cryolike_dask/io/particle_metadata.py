@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.params.lens import LensParameters
 
 
-class MetadataError(ValueError):
+class MetadataError(CryoLikeDaskError):
     """A STAR or .cs file is unreadable or lacks a required field."""
 
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from cryolike_dask.errors import StructureIndexError
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io import cryolike as cl
 from cryolike_dask.io.zarr_stores import (
     LENS_FIELDS,
+    ImageIds,
     ImageStore,
     StackInfo,
     StoreError,
@@ -59,8 +61,23 @@ class ImageSource:
         raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the data (paths, sizes, modification times or store ids)."""
+        """What identifies the data (paths, sizes, modification times or store ids).
+
+        Its ``"stacks"`` entry lists one identifier per stack, in order: a run on the first
+        stacks of a source is a prefix of a run on all of them (:func:`same_images`).
+        """
         raise NotImplementedError
+
+    def image_ids(self) -> ImageIds:
+        """Identifiers of every image (``STACK:ROW`` unless the source names its files)."""
+        n = self.n_images
+        stack, row = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        names = []
+        for i, info in enumerate(self.stacks):
+            stack[info.start : info.stop] = i
+            row[info.start : info.stop] = np.arange(info.n_images)
+            names += [f"{info.name}:{r}" for r in range(info.n_images)]
+        return ImageIds(np.array(names, dtype=str), stack, row, np.full(n, -1, np.int64))
 
     def locate(self, index: int) -> str:
         """Human-readable location of image ``index``: its stack file and position in it."""
@@ -135,11 +152,32 @@ class CryoLikeParticles(ImageSource):
     def convention(self) -> str:
         return self.astigmatism_convention or "cryolike"
 
+    def image_ids(self) -> ImageIds:
+        """``NNNNNN@FILE`` where the stack's ``.npz`` records ``files``/``idxs`` (stacks of
+        ``convert-particles``), else ``STACK:ROW``."""
+        from cryolike_dask.params.npz import read_npz
+
+        ids = super().image_ids()
+        names = ids.image_name.astype(object)
+        for i, info in enumerate(self.stacks):
+            fields = read_npz(cl.stack_paths(self.folder, i)[1])
+            files, idxs = fields.get("files"), fields.get("idxs")
+            rows = fields.get("source_rows")
+            n = info.n_images
+            if files is not None and idxs is not None and np.size(files) == np.size(idxs) == n:
+                names[info.start : info.stop] = [
+                    f"{int(k) + 1:06d}@{f}"
+                    for f, k in zip(np.ravel(files), np.ravel(idxs), strict=True)
+                ]
+            if rows is not None and np.size(rows) == n:
+                ids.source_row[info.start : info.stop] = np.ravel(rows)
+        return ImageIds(np.asarray(names, dtype=str), ids.stack, ids.stack_row, ids.source_row)
+
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "cryolike-particles",
-            "files": [list(i) for i in self.file_ids],
             "convention": self.convention,
+            "stacks": [list(i) for i in self.file_ids],
         }
 
 
@@ -187,13 +225,27 @@ class ZarrImages(ImageSource):
     def convention(self) -> str:
         return _open_image_store(self.path).astigmatism_convention
 
+    def image_ids(self) -> ImageIds:
+        ids = _open_image_store(self.path).image_ids()
+        n = self.n_images
+        return ImageIds(ids.image_name[:n], ids.stack[:n], ids.stack_row[:n], ids.source_row[:n])
+
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "zarr-images",
             "path": str(Path(self.path).resolve()),
             "store_id": self.store_id,
-            "n_images": self.n_images,
+            "stacks": [[s.name, s.start, s.stop] for s in self.stacks],
         }
+
+
+def same_images(stored: dict[str, Any], run: dict[str, Any]) -> bool:
+    """Whether ``run``'s images are ``stored``'s or their first stacks (both fingerprints)."""
+    a, b = dict(stored), dict(run)
+    sa, sb = a.pop("stacks", None), b.pop("stacks", None)
+    if a != b or sa is None or sb is None:
+        return a == b and sa == sb
+    return len(sb) <= len(sa) and sa[: len(sb)] == sb
 
 
 # ------------------------------------------------------------------------------ templates
@@ -227,7 +279,7 @@ class TemplateSource:
 
     def check_structure(self, structure: int) -> None:
         if not 0 <= structure < self.n_structures:
-            raise IndexError(
+            raise StructureIndexError(
                 f"template index {structure} out of range: {self.n_structures} template "
                 f"file(s) ({', '.join(self.names)})"
             )

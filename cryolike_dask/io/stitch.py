@@ -16,18 +16,21 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cryolike_dask.io.cryolike import INTEGRATED_FILE, OPTIMAL_LL_FILE
+from cryolike_dask.errors import CryoLikeDaskError
+from cryolike_dask.io import outputs
 from cryolike_dask.io.torch_files import load_tensor, save_tensor
 
-MATRICES = {
-    # name: (folder, file stem) of the per-stack inputs
-    "integrated_fourier_log_likelihood_matrix": INTEGRATED_FILE,
-    "optimal_fourier_log_likelihood_matrix": OPTIMAL_LL_FILE,
-    "cross_correlation_matrix": ("cross_correlation", "cross_correlation"),
+#: stitch's matrices, from the output table: ``{matrix name: quantity}``.
+MATRICES = {q.matrix: q for q in outputs.matrices()}
+#: which keyword of :func:`stitch` selects each matrix
+_SELECTOR = {
+    "log_likelihood_integrated_fourier": "integrated",
+    "log_likelihood_optimal_fourier": "optimal",
+    "cross_correlation": "cross_correlation",
 }
 
 
-class StitchError(ValueError):
+class StitchError(CryoLikeDaskError):
     """Per-stack outputs are missing or inconsistent across template folders."""
 
 
@@ -49,6 +52,42 @@ def _stacks(folder: Path, sub: str, stem: str) -> list[Path]:
     return files
 
 
+def _results_store(root: Path):
+    from cryolike_dask.io.zarr_stores import ResultsStore, StoreError
+
+    path = root / "results.zarr"
+    if not path.exists():
+        return None
+    try:
+        return ResultsStore.open(path, mode="r")
+    except StoreError as exc:
+        raise StitchError(f"{path}: not a readable results store ({exc})") from None
+
+
+def _check_against_store(store, n: int, q, files: list[Path], parts: list[np.ndarray]) -> None:
+    """The per-stack files of structure ``n`` must hold what ``results.zarr`` holds."""
+    stacks = store.group.attrs.get("stacks", [])
+    if n >= len(store.structures):
+        raise StitchError(
+            f"{store.path.parent / f'template{n}'}: no such structure in {store.path} "
+            f"({len(store.structures)} structures); the folder mixes outputs of several runs"
+        )
+    if len(stacks) != len(files):
+        raise StitchError(
+            f"{files[0].parent}: {len(files)} stack files of {q.stem} but {store.path} "
+            f"holds {len(stacks)} stacks; the folder mixes outputs of several runs "
+            "(rerun the likelihood with --overwrite, or --skip-exist to complete it)"
+        )
+    for f, part, info in zip(files, parts, stacks, strict=True):
+        want = store.read(q, n, int(info["start"]), int(info["stop"]))
+        if part.shape != want.shape or not np.allclose(part, want, rtol=0, atol=0, equal_nan=True):
+            raise StitchError(
+                f"{f}: differs from {store.path} (structure {n}, {q.name}); the folder mixes "
+                "outputs of several runs (rerun the likelihood with --overwrite, or "
+                "--skip-exist to complete it)"
+            )
+
+
 def stitch(
     root: str | os.PathLike,
     *,
@@ -59,33 +98,39 @@ def stitch(
 ) -> dict[str, Path]:
     """Build the requested matrices from ``root``; returns ``{name: .pt path}``.
 
-    Matrices are written to ``output`` (default ``root/likelihood_matrix``) as ``NAME.pt``
-    (torch tensor), ``NAME.npy`` and ``matrices.zarr/NAME`` (``("structure", "image")``).
-    Every template folder must hold the same stacks with the same image counts.
+    Matrices are ``[n_structures, n_images]`` (template-major, as CryoLike's
+    ``stitch_log_likelihood_matrices``), written to ``output`` (default
+    ``root/likelihood_matrix``) as ``NAME.pt`` (torch tensor), ``NAME.npy`` and
+    ``matrices.zarr/NAME`` (dims ``("structure", "image")``, structure names as a coordinate).
+    Every template folder must hold the same stacks with the same image counts. When ``root``
+    holds a ``results.zarr`` (our runs), every stack file must equal it: a folder mixing
+    outputs of different runs is refused. Nothing is written unless every matrix can be built.
     """
     root = Path(root)
-    folders = template_folders(root)
+    folders = template_folders(root) if root.is_dir() else []
     if not folders:
         raise StitchError(f"{root}: no template<N> folders")
-    wanted = {
-        "integrated_fourier_log_likelihood_matrix": integrated,
-        "optimal_fourier_log_likelihood_matrix": optimal,
-        "cross_correlation_matrix": cross_correlation,
-    }
-    out = Path(output) if output is not None else root / "likelihood_matrix"
-    out.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(out / "matrices.zarr", mode="w")
-    group.attrs["structures"] = [f"template{n}" for n, _ in folders]
-    written = {}
-    for name, (sub, stem) in MATRICES.items():
-        if not wanted[name]:
+    store = _results_store(root)
+    wanted = {"integrated": integrated, "optimal": optimal, "cross_correlation": cross_correlation}
+    names = [f"template{n}" for n, _ in folders]
+    if store is not None:
+        names = [
+            store.structures[n] if n < len(store.structures) else f"template{n}" for n, _ in folders
+        ]
+    built: dict[str, np.ndarray] = {}
+    for name, q in MATRICES.items():
+        if not wanted[_SELECTOR[q.name]]:
             continue
         rows, counts = [], None
         for n, folder in folders:
-            files = _stacks(folder, sub, stem)
+            files = _stacks(folder, q.folder, q.stem)
             if not files:
-                raise StitchError(f"{folder / sub}: no {stem}_stack_*.pt files (needed for {name})")
+                raise StitchError(
+                    f"{folder / q.folder}: no {q.stem}_stack_*.pt files (needed for {name})"
+                )
             parts = [load_tensor(f).ravel() for f in files]
+            if store is not None:
+                _check_against_store(store, n, q, files, parts)
             these = [p.size for p in parts]
             if counts is not None and these != counts:
                 raise StitchError(
@@ -93,7 +138,17 @@ def stitch(
                 )
             counts = these
             rows.append(np.concatenate(parts))
-        matrix = np.stack(rows)
+        built[name] = np.stack(rows)
+    out = Path(output) if output is not None else root / "likelihood_matrix"
+    out.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(out / "matrices.zarr", mode="w")
+    group.attrs["structures"] = names
+    coord = group.create_array(
+        "structure", shape=(len(names),), dtype=str, dimension_names=("structure",)
+    )
+    coord[:] = np.array(names, dtype=str)
+    written = {}
+    for name, matrix in built.items():
         save_tensor(matrix, out / f"{name}.pt")
         np.save(out / f"{name}.npy", matrix)
         arr = group.create_array(
@@ -101,4 +156,7 @@ def stitch(
         )
         arr[:] = matrix
         written[name] = out / f"{name}.pt"
+    from cryolike_dask.io.zarr_stores import consolidate
+
+    consolidate(out / "matrices.zarr")
     return written

@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError
 
-class TorchFileError(ValueError):
+
+class TorchFileError(CryoLikeDaskError):
     """A ``.pt`` file is missing, truncated, or does not hold what was expected."""
 
 

@@ -22,10 +22,10 @@ Template store (``kind = "templates"``), one subgroup ``structure_K`` per struct
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,15 @@ from typing import Any
 import numpy as np
 import zarr
 
+from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
 from cryolike_dask.grids.sphere import ViewingAngles
+from cryolike_dask.io.outputs import Quantity
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.params.lens import LensParameters
 
 SCHEMA_VERSION = 1
+#: Schema of each kind of store (results: 2 = coordinates, bookkeeping group, consolidated).
+SCHEMA_VERSIONS = {"images": 1, "templates": 1, "results": 2}
 LENS_FIELDS = (
     "defocus_u",
     "defocus_v",
@@ -49,7 +53,7 @@ LENS_FIELDS = (
 )
 
 
-class StoreError(ValueError):
+class StoreError(CryoLikeDaskError):
     """A Zarr store is missing, of another kind or schema, or inconsistent."""
 
 
@@ -62,7 +66,7 @@ def _version() -> str:
 def _header(kind: str) -> dict[str, Any]:
     return {
         "kind": kind,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSIONS[kind],
         "package_version": _version(),
         "store_id": uuid.uuid4().hex,
     }
@@ -104,10 +108,10 @@ def open_group(path: str | os.PathLike, kind: str, mode: str = "r") -> zarr.Grou
         raise StoreError(
             f"{p}: not a cryolike_dask {kind} store (attrs['cryolike_dask'] = {header})"
         )
-    if header.get("schema_version") != SCHEMA_VERSION:
+    if header.get("schema_version") != SCHEMA_VERSIONS[kind]:
         raise StoreError(
             f"{p}: schema version {header.get('schema_version')}, this version reads "
-            f"{SCHEMA_VERSION}"
+            f"{SCHEMA_VERSIONS[kind]}"
         )
     return group
 
@@ -115,7 +119,7 @@ def open_group(path: str | os.PathLike, kind: str, mode: str = "r") -> zarr.Grou
 def _new_group(path: Path, overwrite: bool) -> zarr.Group:
     if path.exists():
         if not overwrite:
-            raise FileExistsError(f"{path}: exists; pass overwrite=True to replace it")
+            raise OutputExistsError(f"{path}: exists; pass overwrite=True to replace it")
         shutil.rmtree(path)
     return zarr.open_group(path, mode="w")
 
@@ -215,6 +219,31 @@ class ImageStore:
         values = lens_arrays(lens)
         for name in LENS_FIELDS:
             self.group[name][start:stop] = values[name]
+
+    def write_ids(self, names: np.ndarray, source_rows: np.ndarray) -> None:
+        """Per-image identifiers (``NNNNNN@FILE``) and source metadata rows, all images."""
+        _write_coord(self.group, "image_name", np.asarray(names, dtype=str), "image")
+        _write_coord(self.group, "source_row", np.asarray(source_rows, np.int64), "image")
+
+    def image_ids(self) -> ImageIds:
+        """Identifiers of every image (from the stacks where no source names were stored)."""
+        n = self.n_images
+        stack = np.zeros(n, np.int64)
+        row = np.arange(n, dtype=np.int64)
+        labels = np.empty(n, dtype=object)
+        for i, info in enumerate(self.stacks or [StackInfo("all", 0, n)]):
+            stack[info.start : info.stop] = i
+            row[info.start : info.stop] -= info.start
+            labels[info.start : info.stop] = [
+                f"{info.name}:{r}" for r in range(info.stop - info.start)
+            ]
+        names = np.asarray(self.group["image_name"][:]) if "image_name" in self.group else labels
+        source = (
+            np.asarray(self.group["source_row"][:])
+            if "source_row" in self.group
+            else np.full(n, -1, np.int64)
+        )
+        return ImageIds(np.array(np.asarray(names).tolist(), dtype=str), stack, row, source)
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Images ``[start, stop)`` and their per-image lens arrays (see :data:`LENS_FIELDS`)."""
@@ -357,37 +386,69 @@ class TemplateStore:
 
 
 # ------------------------------------------------------------------------------ results
-#: Bits of the results store's ``done`` mask: which outputs a block holds.
-DONE_OPTIMAL_POSE = 1
-DONE_INTEGRATED = 2
-DONE_OPTIMAL_LIKELIHOOD = 4
-DONE_PER_TEMPLATE = 8
-DONE_FULL = 16
+@dataclass(frozen=True)
+class ImageIds:
+    """Per-image identifiers that join results back to their source.
 
-PER_IMAGE_ARRAYS = {
-    # name: (dtype kind "float"/"int", fill value)
-    "cross_correlation": ("float", math.nan),
-    "optimal_template": ("int", -1),
-    "optimal_displacement_x": ("float", math.nan),
-    "optimal_displacement_y": ("float", math.nan),
-    "optimal_inplane_rotation": ("float", math.nan),
-    "log_likelihood_integrated_fourier": ("float", math.nan),
-    "log_likelihood_optimal_fourier": ("float", math.nan),
-}
-PER_TEMPLATE_ARRAYS = {
-    "cross_correlation": ("float", math.nan),
-    "optimal_displacement_x": ("float", math.nan),
-    "optimal_displacement_y": ("float", math.nan),
-    "optimal_inplane_rotation": ("float", math.nan),
-    "log_likelihood_integrated_fourier": ("float", math.nan),
-}
+    Attributes
+    ----------
+    image_name : numpy.ndarray of str
+        ``NNNNNN@FILE`` (RELION's ``rlnImageName`` form, 1-based) where the source file is
+        known, else ``STACK:ROW``.
+    stack, stack_row : numpy.ndarray of int
+        Index of the image's stack in the run and its 0-based row in that stack.
+    source_row : numpy.ndarray of int
+        Row in the source metadata file (STAR/.cs), -1 where unknown.
+    """
+
+    image_name: np.ndarray
+    stack: np.ndarray
+    stack_row: np.ndarray
+    source_row: np.ndarray
+
+
+IMAGE_COORDINATES = ("image_name", "stack", "stack_row", "source_row")
+
+
+def consolidate(path: str | os.PathLike) -> None:
+    """Write the store's consolidated metadata (``xr.open_zarr`` then opens it silently)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not part of the Zarr v3 specification"
+        zarr.consolidate_metadata(str(path))
+
+
+def _dtype(q: Quantity, real_dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.int64) if q.kind == "int" else np.dtype(real_dtype)
+
+
+def _write_coord(group: zarr.Group, name: str, values: np.ndarray, dim: str) -> None:
+    values = np.asarray(values)
+    dtype: Any = str if values.dtype.kind in "UO" else values.dtype
+    arr = group.create_array(
+        name, shape=values.shape, dtype=dtype, dimension_names=(dim,), overwrite=True
+    )
+    arr[:] = values
 
 
 class ResultsStore:
     """Per-image results for every structure, plus optional per-template and full arrays.
 
-    ``done[structure, image_block]`` is a bit mask of the outputs a block holds (``DONE_*``);
-    only the driver writes it, after the block's data are written.
+    Layout (schema 2; the arrays follow :data:`cryolike_dask.io.outputs.OUTPUTS`)::
+
+        NAME                          [structure, image]  per-image quantities
+        structure, image              coordinates (names; 0..M-1)
+        image_name, stack, stack_row, source_row    [image]  identifiers (coordinates)
+        structure_K/per_template/STEM [image, template]
+        structure_K/STEM              [image, template, displacement, rotation] (full tensor)
+        bookkeeping/done              [structure, image] uint8 bit mask
+
+    ``bookkeeping/done`` holds the output bits (:data:`~cryolike_dask.io.outputs.FLAG_BITS`)
+    each image holds; only the driver writes it, after a block's data are written. A run on
+    the first stacks of the images of a store (same inputs otherwise) uses the same store. The
+    metadata are consolidated, so ``xr.open_zarr`` reads the root as a Dataset with the
+    structure names and image identifiers as coordinates.
     """
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
@@ -400,8 +461,10 @@ class ResultsStore:
         self.template_block: int = int(attrs["template_block"])
         self.n_templates: list[int] = list(attrs["n_templates"])
         self.displacements = np.asarray(attrs["displacements"], dtype=np.float32)
+        self.rotations = np.asarray(attrs["rotations"], dtype=np.float64)
         self.real_dtype = np.dtype(attrs["real_dtype"])
         self.n_inplanes = int(attrs["n_inplanes"])
+        self.n_images = int(attrs["n_images"])
 
     @classmethod
     def create(
@@ -414,34 +477,30 @@ class ResultsStore:
         image_block: int,
         template_block: int,
         displacements: np.ndarray,
-        n_inplanes: int,
+        rotations: np.ndarray,
         real_dtype: np.dtype,
         fingerprint: dict[str, Any],
         stacks: list[StackInfo],
+        image_ids: ImageIds,
         overwrite: bool = False,
     ) -> ResultsStore:
-        """Create an empty results store (all values NaN / -1, nothing done)."""
+        """Create a results store with its coordinates and nothing done (no arrays yet:
+        :meth:`require` adds those of the requested quantities)."""
         p = Path(path)
         group = _new_group(p, overwrite)
         n_s = len(structures)
-        for name, (kind, fill) in PER_IMAGE_ARRAYS.items():
-            dtype = np.int64 if kind == "int" else real_dtype
-            group.create_array(
-                name,
-                shape=(n_s, n_images),
-                chunks=(1, image_block),
-                dtype=dtype,
-                fill_value=fill,
-                dimension_names=("structure", "image"),
-            )
-        n_blocks = -(-n_images // image_block)
-        group.create_array(
+        _write_coord(group, "structure", np.array(structures, dtype=str), "structure")
+        _write_coord(group, "image", np.arange(n_images, dtype=np.int64), "image")
+        for name in IMAGE_COORDINATES:
+            _write_coord(group, name, getattr(image_ids, name), "image")
+        book = group.create_group("bookkeeping")
+        book.create_array(
             "done",
-            shape=(n_s, n_blocks),
-            chunks=(n_s, n_blocks),
+            shape=(n_s, n_images),
+            chunks=(1, min(n_images, 2**20)),
             dtype="uint8",
             fill_value=0,
-            dimension_names=("structure", "image_block"),
+            dimension_names=("structure", "image"),
         )
         group.attrs.update(
             {
@@ -453,77 +512,141 @@ class ResultsStore:
                 "image_block": int(image_block),
                 "template_block": int(template_block),
                 "displacements": np.asarray(displacements, np.float32).tolist(),
-                "n_inplanes": int(n_inplanes),
+                "rotations": np.asarray(rotations, np.float64).tolist(),
+                "n_inplanes": len(rotations),
                 "real_dtype": np.dtype(real_dtype).name,
                 "stacks": [s.__dict__ for s in stacks],
             }
         )
-        return cls(p, group)
+        consolidate(p)
+        return cls(p, zarr.open_group(p, mode="r+"))
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> ResultsStore:
         return cls(path, open_group(path, "results", mode))
 
     @property
-    def n_images(self) -> int:
-        return int(self.group["cross_correlation"].shape[1])
+    def n_blocks(self) -> int:
+        return -(-self.n_images // self.image_block)
 
     @property
-    def n_blocks(self) -> int:
-        return int(self.group["done"].shape[1])
+    def _done(self) -> zarr.Array:
+        return self.group["bookkeeping/done"]
 
     def block_range(self, block: int) -> tuple[int, int]:
         start = block * self.image_block
         return start, min(self.n_images, start + self.image_block)
 
+    def done_images(self, structure: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The done bits of images ``[start, stop)`` of a structure, uint8."""
+        stop = self.n_images if stop is None else stop
+        return np.asarray(self._done[structure, start:stop])
+
     def done(self) -> np.ndarray:
-        """The ``[structure, block]`` done mask."""
-        return np.asarray(self.group["done"][:])
+        """The ``[structure, block]`` done mask: the bits every image of the block holds."""
+        full = np.asarray(self._done[:])
+        starts = np.arange(0, self.n_images, self.image_block)
+        return np.bitwise_and.reduceat(full, starts, axis=1)
 
-    def mark_done(self, structure: int, blocks: list[int], bits: int) -> None:
-        """Set ``bits`` for ``blocks`` (driver only: the mask is one chunk)."""
-        mask = self.group["done"]
-        row = np.asarray(mask[structure])
-        row[blocks] |= np.uint8(bits)
-        mask[structure] = row
+    def mark_done(self, structure: int, ranges: list[tuple[int, int]], bits: int) -> None:
+        """Set ``bits`` for the images of ``ranges`` (driver only)."""
+        for a, b in ranges:
+            self._done[structure, a:b] = self.done_images(structure, a, b) | np.uint8(bits)
 
-    def clear_done(self, structure: int, blocks: list[int]) -> None:
-        mask = self.group["done"]
-        row = np.asarray(mask[structure])
-        row[blocks] = 0
-        mask[structure] = row
+    def clear_done(self, structure: int, start: int, stop: int, bits: int = 0xFF) -> None:
+        """Clear ``bits`` for images ``[start, stop)`` (driver only)."""
+        keep = np.uint8(0xFF & ~bits)
+        self._done[structure, start:stop] = self.done_images(structure, start, stop) & keep
 
-    def per_template_array(self, structure: int, name: str) -> zarr.Array:
-        """``structure_K/per_template/NAME`` ``[M, S]``, created on first use."""
-        sub = self.group.require_group(f"structure_{structure}")
-        pt = sub.require_group("per_template")
-        if name in pt:
-            return pt[name]
-        _kind, fill = PER_TEMPLATE_ARRAYS[name]
-        return pt.create_array(
-            name,
-            shape=(self.n_images, self.n_templates[structure]),
-            chunks=(self.image_block, self.template_block),
-            dtype=self.real_dtype,
-            fill_value=fill,
-            dimension_names=("image", "template"),
+    # ---------------------------------------------------------------------------- arrays
+    def _path(self, q: Quantity, structure: int) -> str:
+        return q.store_path.format(k=structure)
+
+    def has(self, q: Quantity, structure: int = 0) -> bool:
+        return self._path(q, structure) in self.group
+
+    def array(self, q: Quantity, structure: int = 0) -> zarr.Array:
+        """The array of ``q`` (for scope ``image`` the ``[structure, image]`` array)."""
+        path = self._path(q, structure)
+        if path not in self.group:
+            raise StoreError(f"{self.path}: holds no {q.name} for structure {structure}")
+        return self.group[path]
+
+    def read(self, q: Quantity, structure: int, start: int, stop: int) -> np.ndarray:
+        """Values of images ``[start, stop)`` of ``q`` for one structure."""
+        if q.scope == "image":
+            return np.asarray(self.array(q)[structure, start:stop])
+        return np.asarray(self.array(q, structure)[start:stop])
+
+    def require(self, quantities: Iterable[Quantity], structures: Iterable[int]) -> None:
+        """Create the arrays of ``quantities`` that do not exist yet, then consolidate."""
+        missing = [
+            (q, k)
+            for q in quantities
+            for k in ([0] if q.scope == "image" else list(structures))
+            if not self.has(q, k)
+        ]
+        if not missing:
+            return
+        # create through the live hierarchy, not the (now stale) consolidated view
+        live = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+        for q, k in missing:
+            self._create(live, q, k)
+        consolidate(self.path)
+        self.group = zarr.open_group(self.path, mode="r+")
+
+    def _create(self, root: zarr.Group, q: Quantity, structure: int) -> None:
+        dtype = _dtype(q, self.real_dtype)
+        attrs = (
+            {"units": q.units, "long_name": q.description}
+            if q.units
+            else {"long_name": q.description}
         )
-
-    def full_array(self, structure: int) -> zarr.Array:
-        """``structure_K/cross_correlation_msdw`` ``[M, S, D, W]``, created on first use.
-
-        Chunked ``(image_block, template_block, D, W)``: each kernel block writes whole chunks.
-        """
-        sub = self.group.require_group(f"structure_{structure}")
-        if "cross_correlation_msdw" in sub:
-            return sub["cross_correlation_msdw"]
-        n_d = self.displacements.shape[1]
-        return sub.create_array(
-            "cross_correlation_msdw",
-            shape=(self.n_images, self.n_templates[structure], n_d, self.n_inplanes),
-            chunks=(self.image_block, self.template_block, n_d, self.n_inplanes),
-            dtype=self.real_dtype,
-            fill_value=math.nan,
-            compressors=None,
-            dimension_names=("image", "template", "displacement", "rotation"),
-        )
+        if q.scope == "image":
+            arr = root.create_array(
+                q.name,
+                shape=(len(self.structures), self.n_images),
+                chunks=(1, self.image_block),
+                dtype=dtype,
+                fill_value=q.fill,
+                dimension_names=q.dims,
+            )
+            attrs["coordinates"] = " ".join(IMAGE_COORDINATES)
+            arr.attrs.update(attrs)
+            return
+        n_t = self.n_templates[structure]
+        sub = root.require_group(f"structure_{structure}")
+        if q.scope == "template":
+            pt = sub.require_group("per_template")
+            if "template" not in pt:
+                _write_coord(pt, "template", np.arange(n_t, dtype=np.int64), "template")
+                _write_coord(pt, "image", np.arange(self.n_images, dtype=np.int64), "image")
+            arr = pt.create_array(
+                q.stem,
+                shape=(self.n_images, n_t),
+                chunks=(self.image_block, self.template_block),
+                dtype=dtype,
+                fill_value=q.fill,
+                dimension_names=q.dims,
+            )
+        else:
+            n_d = self.displacements.shape[1]
+            if "displacement" not in sub:
+                _write_coord(sub, "template", np.arange(n_t, dtype=np.int64), "template")
+                _write_coord(sub, "image", np.arange(self.n_images, dtype=np.int64), "image")
+                _write_coord(sub, "displacement", np.arange(n_d, dtype=np.int64), "displacement")
+                _write_coord(sub, "displacement_x", self.displacements[0], "displacement")
+                _write_coord(sub, "displacement_y", self.displacements[1], "displacement")
+                _write_coord(sub, "rotation", self.rotations, "rotation")
+            # each kernel block writes whole chunks
+            arr = sub.create_array(
+                q.stem,
+                shape=(self.n_images, n_t, n_d, self.n_inplanes),
+                chunks=(self.image_block, self.template_block, n_d, self.n_inplanes),
+                dtype=dtype,
+                fill_value=q.fill,
+                compressors=None,
+                dimension_names=q.dims,
+            )
+            attrs["coordinates"] = "displacement_x displacement_y"
+        arr.attrs.update(attrs)

@@ -52,3 +52,27 @@ def has_gpu() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # ImportError, CUDARuntimeError, missing driver libraries ...
         return False
+
+
+_GEMM_RATE: dict[str, float] = {}
+
+
+def gemm_rate(size: int = 256, repeats: int = 3) -> float:
+    """Complex64 GEMM rate of this process on the CPU, flop/s (measured once, ~0.1 s).
+
+    Used only for cost estimates printed before long work.
+    """
+    if "cpu" not in _GEMM_RATE:
+        import time
+
+        rng = np.random.default_rng(0)
+        a = (rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))).astype(
+            np.complex64
+        )
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        _GEMM_RATE["cpu"] = 8.0 * size**3 / max(best, 1e-9)
+    return _GEMM_RATE["cpu"]

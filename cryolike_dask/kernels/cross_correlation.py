@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.grids.polar import PolarGrid
 from cryolike_dask.kernels.backend import array_module, fft_kwargs, fft_module
 from cryolike_dask.kernels.fourier_bessel import n_orders
@@ -36,7 +37,7 @@ from cryolike_dask.precision import Precision
 DEFAULT_WORK_BYTES = 256 * 2**20
 
 
-class NonFiniteCrossCorrelationError(FloatingPointError):
+class NonFiniteCrossCorrelationError(CryoLikeDaskError, FloatingPointError):
     """The cross-correlation of an image with a template is NaN or infinite.
 
     This happens when a template, an image or a CTF has zero norm (or contains NaN/Inf).
@@ -71,6 +72,56 @@ class PreparedTemplates:
     def nbytes(self) -> int:
         """Bytes held by the prepared arrays."""
         return int(self.spectrum.nbytes + self.power_spectrum.nbytes + self.mask_weighted.nbytes)
+
+
+@dataclass(frozen=True)
+class KernelMemory:
+    """Memory model of one kernel task, in bytes (what the planner asks the kernel).
+
+    Attributes
+    ----------
+    per_template : int
+        A prepared template: displaced spectra ``D·N·Q``, power spectrum ``N·Q`` and masked
+        template ``N·W`` complex values.
+    per_image : int
+        An image, raw and prepared (spectra ``2·Q·N`` complex, CTF ``N·W`` real, raw
+        ``N·W`` complex), with a margin for its float64 CTF temporaries.
+    per_pair : int
+        Per (image, template) reduced outputs (per-template best, pose, log-sum).
+    per_pair_full : int
+        Per (image, template) for the full ``[D, W]`` cross-correlation tensor.
+    """
+
+    per_template: int
+    per_image: int
+    per_pair: int
+    per_pair_full: int
+
+    def task_bytes(
+        self, images: int, templates: int, *, full: bool = False, work_bytes: int = 0
+    ) -> int:
+        """Estimated peak bytes of one task of ``images`` × ``templates``."""
+        pair = self.per_pair + (self.per_pair_full if full else 0)
+        return int(
+            templates * self.per_template + images * self.per_image
+            + images * templates * pair + work_bytes
+        )  # fmt: skip
+
+
+def kernel_memory(
+    n_shells: int, n_inplanes: int, n_displacements: int, precision: str = "single"
+) -> KernelMemory:
+    """The :class:`KernelMemory` of blocks on this polar grid and displacement grid."""
+    c = Precision.parse(precision).resolve().complex_dtype.itemsize
+    r = c // 2
+    q = n_orders(n_inplanes)
+    p = n_shells * n_inplanes
+    return KernelMemory(
+        per_template=(n_displacements * n_shells * q + n_shells * q + p) * c,
+        per_image=int(p * c * 2.5 + 2 * q * n_shells * c),
+        per_pair=4 * r,
+        per_pair_full=n_displacements * n_inplanes * r,
+    )
 
 
 def _check_stack(name: str, stack: Any, grid: PolarGrid) -> None:

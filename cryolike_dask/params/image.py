@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
 from cryolike_dask.grids.cartesian import CartesianGrid2D
 from cryolike_dask.grids.polar import DEFAULT_DIST_RADII, PolarGrid
 from cryolike_dask.grids.sphere import ViewingAngles
@@ -85,15 +86,19 @@ class ImageParameters:
         object.__setattr__(self, "n_inplanes", int(self.n_inplanes))
         vd = float(self.viewing_distance)
         if not (math.isfinite(vd) and vd > 0):
-            raise ValueError(f"viewing_distance must be positive, not {self.viewing_distance!r}")
+            raise ParameterError(
+                f"viewing_distance must be positive, not {self.viewing_distance!r}"
+            )
         object.__setattr__(self, "viewing_distance", vd)
         if self.atom_radii is not None:
             r = float(self.atom_radii)
             if not (math.isfinite(r) and r > 0):
-                raise ValueError(f"atom_radii must be positive, not {self.atom_radii!r}")
+                raise ParameterError(f"atom_radii must be positive, not {self.atom_radii!r}")
             object.__setattr__(self, "atom_radii", r)
         if self.atom_shape not in ATOM_SHAPES:
-            raise ValueError(f"atom_shape must be one of {ATOM_SHAPES}, not {self.atom_shape!r}")
+            raise ParameterError(
+                f"atom_shape must be one of {ATOM_SHAPES}, not {self.atom_shape!r}"
+            )
         object.__setattr__(self, "use_protein_residue_model", bool(self.use_protein_residue_model))
 
     # ----------------------------------------------------------------------------- creation
@@ -118,7 +123,7 @@ class ImageParameters:
         unless given. ``resolution_factor`` is not stored, only its effect.
         """
         if not (math.isfinite(resolution_factor) and resolution_factor > 0):
-            raise ValueError(f"resolution_factor must be positive, not {resolution_factor!r}")
+            raise ParameterError(f"resolution_factor must be positive, not {resolution_factor!r}")
         grid = CartesianGrid2D(n_pixels, pixel_size)
         n = grid.n_pixels[0]
         return cls(

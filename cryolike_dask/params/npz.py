@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
 
-class ParameterFileError(ValueError):
+
+class ParameterFileError(CryoLikeDaskError):
     """A parameter file is missing, unreadable, or has a missing or malformed field."""
 
 
@@ -97,7 +99,7 @@ def write_npz(path: str | os.PathLike, fields: Mapping[str, Any], overwrite: boo
     if p.suffix != ".npz":
         raise ParameterFileError(f"{p}: parameter files must end in .npz")
     if p.exists() and not overwrite:
-        raise FileExistsError(f"{p}: exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{p}: exists; pass overwrite=True to replace it")
     arrays = {
         k: np.array(None, dtype=object) if v is None else np.asarray(v) for k, v in fields.items()
     }

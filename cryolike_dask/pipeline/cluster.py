@@ -1,4 +1,10 @@
-"""Where a run executes: a LocalCluster sized to the machine, or an existing Dask cluster."""
+"""Where a run executes: the user's Dask client, a running cluster, or a LocalCluster.
+
+:func:`get_client` chooses, in this order: a local scheduler when asked (``sync`` /
+``threads``); the ``client`` passed in; a scheduler address or file; the active client of the
+session (``distributed.default_client()``, as dask-image, xarray and dask-ml use it); and only
+then a new ``LocalCluster`` sized to the machine, which it says in the log.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from cryolike_dask.errors import CryoLikeDaskError
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,9 @@ class ClusterOptions:
         ``"sync"`` or ``"threads"`` to run without a distributed cluster (tests, debugging).
     dashboard : bool
         Start the LocalCluster's dashboard.
+    processes : bool
+        LocalCluster workers in their own processes (default); ``False`` runs them in this
+        process (no spawned interpreters, so scripts need no ``__main__`` guard).
     """
 
     scheduler_address: str | None = None
@@ -38,6 +49,15 @@ class ClusterOptions:
     memory_limit: str | int | None = None
     scheduler: str | None = None
     dashboard: bool = True
+    processes: bool = True
+    connect_timeout: str = "30s"
+
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterError(CryoLikeDaskError):
+    """The Dask cluster asked for cannot be reached or started."""
 
 
 class _DropCancelledFeed(logging.Filter):
@@ -70,13 +90,29 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_device(device: str) -> str:
-    """``"auto"`` → ``"gpu"`` when CuPy sees a CUDA GPU, else ``"cpu"``; others unchanged."""
-    if device == "auto":
-        from cryolike_dask.kernels.backend import has_gpu
+def _worker_has_gpu() -> bool:
+    from cryolike_dask.kernels.backend import has_gpu
 
-        return "gpu" if has_gpu() else "cpu"
-    return device
+    return bool(has_gpu())
+
+
+def resolve_device(device: str, client: Any = None) -> str:
+    """``"auto"`` → ``"gpu"`` when CuPy sees a CUDA GPU where the kernels run, else ``"cpu"``.
+
+    With a client the workers are asked (``client.run``), so a driver on a login node needs no
+    GPU; ``"gpu"`` on workers without one is an error. Other values are returned unchanged.
+    """
+    if device not in ("auto", "gpu"):
+        return device
+    if client is not None:
+        answers = client.run(_worker_has_gpu)
+        gpu = bool(answers) and all(answers.values())
+    else:
+        gpu = _worker_has_gpu()
+    if device == "gpu" and not gpu:
+        where = "the workers" if client is not None else "this process"
+        raise ClusterError(f"device 'gpu' requested but CuPy sees no CUDA GPU on {where}")
+    return "gpu" if gpu else "cpu"
 
 
 def local_cluster_size(
@@ -100,37 +136,91 @@ def local_cluster_size(
     return n_workers or max(1, cores // threads_per_worker), threads_per_worker
 
 
+def active_client() -> Any:
+    """The session's active ``distributed.Client``, or ``None``."""
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _quiet_shutdown() -> None:
+    """After Ctrl-C: silence distributed's logs of the cluster being torn down."""
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 @contextlib.contextmanager
-def get_client(options: ClusterOptions, device: str = "cpu") -> Iterator[Any]:
-    """Yield a ``distributed.Client`` (``None`` for a local scheduler); closes what it opened."""
+def get_client(
+    options: ClusterOptions | None = None, device: str = "cpu", client: Any = None
+) -> Iterator[Any]:
+    """Yield the ``distributed.Client`` to run on (``None`` for a local scheduler).
+
+    Closes only what it opened: a client passed in or the session's active client is left as
+    it is.
+    """
+    options = options or ClusterOptions()
     if options.scheduler in ("sync", "synchronous", "threads", "processes"):
         yield None
+        return
+    if client is not None:
+        yield client
         return
     from distributed import Client, LocalCluster
 
     _quiet_cancelled_feeds()
-
     if options.scheduler_address or options.scheduler_file:
-        client = Client(address=options.scheduler_address, scheduler_file=options.scheduler_file)
+        if options.scheduler_file and not os.path.exists(options.scheduler_file):
+            raise ClusterError(f"{options.scheduler_file}: scheduler file not found")
         try:
-            yield client
+            opened = Client(
+                address=options.scheduler_address,
+                scheduler_file=options.scheduler_file,
+                timeout=options.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            where = options.scheduler_address or options.scheduler_file
+            raise ClusterError(f"cannot reach the Dask scheduler at {where} ({exc})") from None
+        try:
+            yield opened
+        except KeyboardInterrupt:
+            _quiet_shutdown()
+            raise
         finally:
-            client.close()
+            opened.close()
+        return
+    current = active_client()
+    if current is not None:
+        logger.info("using the active Dask client (%s)", getattr(current, "dashboard_link", ""))
+        yield current
         return
     workers, threads = local_cluster_size(device, options.n_workers, options.threads_per_worker)
     memory = options.memory_limit or int(machine_memory() * 0.9 / workers)
+    logger.info(
+        "no Dask client is active: starting a LocalCluster of %d worker(s) × %d thread(s)%s",
+        workers,
+        threads,
+        "" if options.processes else " in this process",
+    )
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=threads,
-        processes=True,
+        processes=options.processes,
         memory_limit=memory,
         dashboard_address=":0" if options.dashboard else None,
     )
-    client = Client(cluster)
+    opened = Client(cluster)
     try:
-        yield client
+        yield opened
+    except KeyboardInterrupt:
+        _quiet_shutdown()
+        raise
     finally:
-        client.close()
+        opened.close()
         cluster.close()
 
 

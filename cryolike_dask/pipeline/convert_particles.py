@@ -18,14 +18,16 @@ the polar grid, unit-normalises them, and writes ``fft/particles_fourier_stack_N
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
 from cryolike_dask.io.cryolike import stack_paths, write_stack_npz
 from cryolike_dask.io.mrc import MrcFileError, mrc_info, read_images
 from cryolike_dask.io.particle_metadata import MetadataError, ParticleRecords, read_cs, read_star
@@ -34,13 +36,16 @@ from cryolike_dask.io.zarr_stores import ImageStore, StackInfo
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.params.lens import LensParameters
 from cryolike_dask.pipeline.cluster import ClusterOptions, get_client
+from cryolike_dask.pipeline.executor import Executor
 from cryolike_dask.preprocess.particles import images_to_fourier
+
+logger = logging.getLogger(__name__)
 
 #: Relative difference above which two pixel sizes are said to conflict.
 PIXEL_TOLERANCE = 1e-3
 
 
-class ConversionError(ValueError):
+class ConversionError(CryoLikeDaskError):
     """The particle inputs cannot be converted (reported before any output is written)."""
 
 
@@ -451,10 +456,16 @@ def convert_particles(
     convention: str = "relion",
     overwrite: bool = False,
     cluster: ClusterOptions | None = None,
+    client: Any = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Convert every stack; returns the path of ``particles.zarr``.
+
+    Each image is centred, max-normalised, NUFFT'd to the polar grid of ``params`` and
+    unit-normalised: complex ``[M, N, W]`` in ``particles.zarr`` and CryoLike's
+    ``fft/particles_fourier_stack_NNNNNN.pt/.npz``, with its CTF parameters (Å, rad, kV, mm).
+    ``client``: where to run (default: the session's active client, else ``cluster``, else
+    a new LocalCluster).
 
     Refuses to replace existing outputs unless ``overwrite``.
     """
@@ -464,7 +475,7 @@ def convert_particles(
     if not overwrite:
         clash = [p for p in (store_path, *stack_paths(out, 0)) if p.exists()]
         if clash:
-            raise FileExistsError(f"{clash[0]}: exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{clash[0]}: exists; pass --overwrite to replace it")
     (out / "fft").mkdir(parents=True, exist_ok=True)
     stacks = [
         StackInfo(f"particles_fourier_stack_{i:06d}", a, b, str(stack_paths(out, i)[0]))
@@ -480,42 +491,37 @@ def convert_particles(
         overwrite=overwrite,
     )
     store.group.attrs["source_files"] = particles.image_files
-    log(
-        f"{particles.n_particles} particles from {len(particles.image_files)} file(s) → "
-        f"{len(particles.stacks)} stack(s), pixel {particles.pixel_size * downsample:g} Å"
-    )
-    cluster = cluster or ClusterOptions()
-    bar = _bar(len(particles.stacks), progress)
-    with get_client(cluster) as client:
-        if client is None:
-            for i in range(len(particles.stacks)):
-                _, fourier = convert_stack(particles, i, params, str(out), downsample, convention)
-                _write(store, particles, i, fourier, convention)
-                bar.update(1)
-        else:
-            from distributed import as_completed
-
-            if getattr(client, "dashboard_link", None):
-                log(f"Dask dashboard: {client.dashboard_link}")
-            futures = [
-                client.submit(
-                    convert_stack,
-                    particles,
-                    i,
-                    params,
-                    str(out),
-                    downsample,
-                    convention,
-                    pure=False,
-                )
-                for i in range(len(particles.stacks))
+    store.write_ids(
+        np.array(
+            [
+                f"{int(k) + 1:06d}@{particles.image_files[f]}"
+                for f, k in zip(particles.file_index, particles.image_index, strict=True)
             ]
-            for future in as_completed(futures):
-                i, fourier = future.result()
-                _write(store, particles, i, fourier, convention)
-                future.release()
-                bar.update(1)
-    bar.close()
+        ),
+        particles.rows,
+    )
+    logger.info(
+        "%d particles from %d file(s) → %d stack(s), pixel %g Å",
+        particles.n_particles,
+        len(particles.image_files),
+        len(particles.stacks),
+        particles.pixel_size * downsample,
+    )
+
+    def store_stack(i: int, result: tuple[int, np.ndarray]) -> None:
+        _write(store, particles, result[0], result[1], convention)
+
+    args = [
+        (particles, i, params, str(out), downsample, convention)
+        for i in range(len(particles.stacks))
+    ]
+    cluster = cluster or ClusterOptions()
+    with get_client(cluster, client=client) as c:
+        if c is not None and getattr(c, "dashboard_link", None):
+            logger.info("Dask dashboard: %s", c.dashboard_link)
+        Executor(c, cluster.scheduler, progress).map(
+            convert_stack, args, "converting", unit="stack", on_result=store_stack
+        )
     return store_path
 
 
@@ -524,12 +530,6 @@ def _write(
 ) -> None:
     a, b = particles.stacks[i]
     store.write(a, fourier, particles.lens.subset(slice(a, b)).with_convention(convention))
-
-
-def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="stack", disable=not enabled, desc="converting")
 
 
 __all__ = [

@@ -1,20 +1,26 @@
-"""The run driver: batches of image blocks, results in Zarr, exports in CryoLike's layout.
+"""The resumable driver: an executor over the likelihood graph, writing ``results.zarr`` and
+CryoLike's ``.pt`` layout.
 
 For each structure the driver splits the pending image blocks into batches (at most
-``max_tasks`` kernel tasks per graph), builds the batch's graph, stores its outputs into the
-results store's regions, and only then marks those blocks done (the driver is the only writer
-of the done mask). Stacks whose blocks are all done are exported as ``.pt`` files with a
-completion record. A rerun with ``skip_exist`` skips done blocks and verified stacks, so a run
-killed part-way resumes where it stopped and ends with the same outputs.
+``max_tasks`` kernel tasks per graph), builds the batch's graph (the same graph
+:func:`cryolike_dask.likelihood` returns lazily), stores each block's outputs into its region
+of the results store and, as each block finishes, marks it done (the driver is the only writer
+of the done mask) and exports every stack whose blocks are all done, with a completion record.
+A rerun with ``skip_exist`` skips done blocks and verified stacks, so a run killed part-way
+resumes where it stopped and ends with the same outputs.
+
+An output folder holding results of another run (other inputs or settings) is refused unless
+``overwrite``, which removes every output of the earlier run first: the results of two runs
+never mix in one folder.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
+import shutil
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,88 +28,42 @@ import dask
 import dask.array as da
 import numpy as np
 
-from cryolike_dask.grids.displacement import DisplacementGrid
 from cryolike_dask.io.cryolike import OutputLayout
-from cryolike_dask.io.exports import OutputRequest, export_stack, verify_stack, write_displacements
-from cryolike_dask.io.sources import ImageSource, TemplateSource
-from cryolike_dask.io.zarr_stores import ResultsStore, StoreError, params_to_json
+from cryolike_dask.io.exports import export_stack, verify_stack, write_displacements
+from cryolike_dask.io.zarr_stores import ResultsStore, StoreError
 from cryolike_dask.kernels import BlockOutputs
 from cryolike_dask.pipeline import plan as planning
+from cryolike_dask.pipeline._progress import Progress
 from cryolike_dask.pipeline.cluster import (
     ClusterOptions,
     get_client,
+    resolve_device,
     total_threads,
     worker_memory,
 )
-from cryolike_dask.pipeline.graph import POSE_FIELDS, BatchGraph, build_batch_graph
+from cryolike_dask.pipeline.executor import Executor, when_done
+from cryolike_dask.pipeline.graph import BatchGraph, build_batch_graph
+from cryolike_dask.pipeline.spec import (
+    InputDataError,
+    LikelihoodRun,
+    RunConfigurationError,
+    differences,
+    fingerprint,
+    same_run,
+    validate,
+)
 from cryolike_dask.pipeline.tasks import KernelSettings
 from cryolike_dask.precision import Precision
 
 RESULTS_NAME = "results.zarr"
+#: At most this many separately tracked units (progress, done marks) per batch.
+MAX_UNITS_PER_BATCH = 256
+
+logger = logging.getLogger(__name__)
 
 
-class RunConfigurationError(ValueError):
-    """The run's inputs or options are inconsistent (reported before any work starts)."""
-
-
-class InputDataError(ValueError):
-    """Images or templates hold values the likelihood cannot use (NaN, Inf, zero norm)."""
-
-
-@dataclass(frozen=True)
-class LikelihoodRun:
-    """One likelihood run: which data, which outputs, how split.
-
-    Attributes
-    ----------
-    templates : TemplateSource
-        Structures (template stacks).
-    images : ImageSource
-        Images with their CTF parameters.
-    output : Path
-        Output folder (CryoLike layout plus ``results.zarr``).
-    structures : tuple of int
-        Indices of the structures (template files) to run.
-    displacements : DisplacementGrid
-    request : OutputRequest
-    precision : str
-        ``"single"`` or ``"double"``.
-    device : str
-        ``"cpu"`` or ``"gpu"``.
-    templates_per_block, images_per_block : int, optional
-        Block sizes (default: planned from the worker memory).
-    skip_exist : bool
-        Skip stacks whose outputs are complete (verified) and blocks already done.
-    export_pt : bool
-        Write CryoLike's ``.pt`` files (``results.zarr`` is always written).
-    split_every : int
-        Fan-in of the reduction tree over template blocks.
-    max_tasks : int
-        Kernel tasks per submitted graph.
-    work_bytes : int
-        Kernel temporaries budget per task.
-    validate_data : bool
-        Check every image and template (finite, non-zero) before the likelihood starts.
-    """
-
-    templates: TemplateSource
-    images: ImageSource
-    output: Path
-    structures: tuple[int, ...] = (0,)
-    displacements: DisplacementGrid = field(
-        default_factory=lambda: DisplacementGrid(np.zeros(1), np.zeros(1))
-    )
-    request: OutputRequest = field(default_factory=OutputRequest)
-    precision: str = "single"
-    device: str = "cpu"
-    templates_per_block: int | None = None
-    images_per_block: int | None = None
-    skip_exist: bool = False
-    export_pt: bool = True
-    split_every: int = 8
-    max_tasks: int = planning.MAX_TASKS_PER_GRAPH
-    work_bytes: int = 256 * 2**20
-    validate_data: bool = True
+class OutputFolderInUseError(RunConfigurationError):
+    """The output folder holds results of another run (refused without ``overwrite``)."""
 
 
 @dataclass
@@ -121,66 +81,15 @@ class RunReport:
     compute_seconds: float = 0.0
     pose_evaluations: float = 0.0
     dashboard_link: str | None = None
+    removed: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def poses_per_second(self) -> float:
         return self.pose_evaluations / self.compute_seconds if self.compute_seconds else 0.0
 
 
-def fingerprint(run: LikelihoodRun) -> dict[str, Any]:
-    """What determines the numbers of a run (not how it is split or where it runs)."""
-    fp = {
-        "parameters": params_to_json(run.templates.parameters),
-        "displacements": run.displacements.as_array().tolist(),
-        "precision": Precision.parse(run.precision).resolve().value,
-        "images": run.images.fingerprint(),
-        "templates": [run.templates.fingerprint(k) for k in range(run.templates.n_structures)],
-    }
-    return json.loads(json.dumps(fp, default=str))
-
-
-def validate(run: LikelihoodRun) -> None:
-    """Check the run before any work starts; raise :class:`RunConfigurationError`."""
-    if not run.structures:
-        raise RunConfigurationError("no structure (template file) selected")
-    for k in run.structures:
-        if not 0 <= k < run.templates.n_structures:
-            raise RunConfigurationError(
-                f"i_template {k} is out of range: the template list has "
-                f"{run.templates.n_structures} file(s) ({', '.join(run.templates.names)})"
-            )
-    diffs = run.templates.parameters.incompatibilities(run.images.parameters)
-    if diffs:
-        raise RunConfigurationError("templates and images use different grids: " + "; ".join(diffs))
-    if run.images.n_images < 1:
-        raise RunConfigurationError("no images to process")
-    if run.device not in ("cpu", "gpu"):
-        raise RunConfigurationError(f"device must be 'cpu' or 'gpu', not {run.device!r}")
-    if run.device == "gpu":
-        from cryolike_dask.kernels.backend import has_gpu
-
-        if not has_gpu():
-            raise RunConfigurationError("device 'gpu' requested but CuPy sees no CUDA GPU")
-    Precision.parse(run.precision)
-    _check_writable(run.output)
-
-
-def _check_writable(output: Path) -> None:
-    import os
-
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise RunConfigurationError(f"{output}: exists and is not a folder")
-    probe = (
-        output if output.exists() else next((p for p in output.parents if p.exists()), Path("."))
-    )
-    if not probe.is_dir():
-        raise RunConfigurationError(f"{output}: cannot be created ({probe} is a file)")
-    if not os.access(probe, os.W_OK):
-        raise RunConfigurationError(f"{output}: cannot write here ({probe} is not writable)")
-
-
-def _settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
+def kernel_settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
+    """The settings every kernel task of ``run`` carries."""
     request = run.request
     disp = run.displacements
     return KernelSettings(
@@ -194,46 +103,132 @@ def _settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
     )
 
 
-def _open_results(run: LikelihoodRun, fp: dict, plan: planning.BlockPlan, log) -> ResultsStore:
+def plan_run(run: LikelihoodRun, client: Any, memory_bytes: int | None = None, **fixed):
+    """The block plan of ``run`` for the cluster of ``client`` (``fixed`` block sizes kept)."""
+    grid = run.parameters.polar_grid
+    budget = memory_bytes or worker_memory(client, ClusterOptions(), run.device)
+    return planning.plan_blocks(
+        run.images.n_images,
+        max(run.templates.n_templates(k) for k in run.structures),
+        grid.n_shells,
+        grid.n_inplanes,
+        run.displacements.n_displacements,
+        complex_bytes=Precision.parse(run.precision).resolve().complex_dtype.itemsize,
+        memory_bytes=budget,
+        templates_per_block=fixed.get("templates_per_block", run.templates_per_block),
+        images_per_block=fixed.get("images_per_block", run.images_per_block),
+        full=run.request.full,
+        work_bytes=run.work_bytes,
+        max_tasks=run.max_tasks,
+        split_every=run.split_every,
+        min_tasks=2 * total_threads(client),
+    ), budget
+
+
+def describe_cost(run: LikelihoodRun, threads: int) -> str:
+    """Pose evaluations of the run and the time they take at this machine's measured rate."""
+    from cryolike_dask.kernels.backend import gemm_rate
+    from cryolike_dask.kernels.cross_correlation import kernel_flops
+
+    grid = run.parameters.polar_grid
+    n_t = sum(run.templates.n_templates(k) for k in run.structures)
+    poses = run.pose_evaluations()
+    flops = kernel_flops(
+        run.images.n_images, n_t, run.displacements.n_displacements, grid.n_shells, grid.n_inplanes
+    )
+    text = (
+        f"{run.images.n_images} images × {n_t} templates × {run.displacements.n_displacements} "
+        f"displacements × {grid.n_inplanes} rotations = {poses:.3g} pose evaluations"
+    )
+    if run.device == "cpu":
+        # the kernel runs at ~40 % of the complex GEMM rate (docs/performance.md)
+        seconds = flops / (0.4 * gemm_rate() * max(1, threads))
+        text += f"; ~{_duration(seconds)} on {threads} CPU thread(s) at this machine's GEMM rate"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+# ------------------------------------------------------------------------------ output folder
+def check_output_folder(run: LikelihoodRun, fp: dict) -> str:
+    """What to do with the output folder: ``"new"``, ``"same"`` (results of this run) or
+    ``"replace"`` (``overwrite``); raises :class:`OutputFolderInUseError` otherwise."""
+    out = Path(run.output)
+    existing = OutputLayout(out).run_outputs()
+    if not existing:
+        return "new"
+    if run.overwrite:
+        return "replace"
+    path = out / RESULTS_NAME
+    hint = (
+        "pass --overwrite to replace them (every output of that run is removed first), or "
+        "choose another output folder"
+    )
+    if not path.exists():
+        names = ", ".join(p.name for p in existing[:4])
+        raise OutputFolderInUseError(
+            f"{out}: holds likelihood outputs ({names}) without the {RESULTS_NAME} that says "
+            f"which run made them; {hint}"
+        )
+    try:
+        store = ResultsStore.open(path, mode="r")
+    except StoreError as exc:
+        raise OutputFolderInUseError(
+            f"{path}: exists but is not a results store this version can resume ({exc}); {hint}"
+        ) from None
+    if same_run(store.fingerprint, fp) and store.n_templates == run.n_templates:
+        return "same"
+    changed = differences(store.fingerprint, fp) or ["templates"]
+    raise OutputFolderInUseError(
+        f"{out}: holds results of another run (other {', '.join(changed)}); --skip-exist "
+        f"resumes only the same run; {hint}"
+    )
+
+
+def _remove(paths: list[Path]) -> list[str]:
+    removed = []
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(str(p))
+    return removed
+
+
+def _open_results(run: LikelihoodRun, fp: dict, plan: planning.BlockPlan, state: str):
     path = Path(run.output) / RESULTS_NAME
-    n_templates = [run.templates.n_templates(k) for k in range(run.templates.n_structures)]
-    if path.exists():
-        try:
-            store = ResultsStore.open(path)
-        except StoreError as exc:
-            raise RunConfigurationError(
-                f"{path}: exists but is not a results store of this package ({exc}); "
-                "choose another output folder"
-            ) from exc
-        if store.fingerprint == fp and store.n_templates == n_templates:
-            return store
-        if run.skip_exist:
-            changed = sorted(k for k in fp if store.fingerprint.get(k) != fp[k])
-            raise RunConfigurationError(
-                f"{path}: holds results of a run with other {', '.join(changed) or 'inputs'}; "
-                "with --skip-exist only the same run can be resumed (drop --skip-exist to "
-                "recompute, or choose another output folder)"
-            )
-        log(f"{path}: inputs or settings changed since it was written; starting it afresh")
+    if state == "same":
+        return ResultsStore.open(path)
+    params = run.parameters
     return ResultsStore.create(
         path,
         structures=list(run.templates.names),
-        n_templates=n_templates,
+        n_templates=run.n_templates,
         n_images=run.images.n_images,
         image_block=plan.image_block,
         template_block=plan.template_block,
         displacements=run.displacements.as_array(),
-        n_inplanes=run.templates.parameters.n_inplanes,
+        rotations=params.polar_grid.theta,
         real_dtype=Precision.parse(run.precision).resolve().real_dtype,
         fingerprint=fp,
         stacks=list(run.images.stacks),
-        overwrite=True,
+        image_ids=run.images.image_ids(),
     )
 
 
-def _validate_data(
-    run: LikelihoodRun, plan: planning.BlockPlan, client: Any, scheduler: str | None
-) -> None:
+# ------------------------------------------------------------------------------ data checks
+def validate_data(run: LikelihoodRun, plan: planning.BlockPlan, executor: Executor) -> None:
     """One parallel pass over the inputs: NaN/Inf or all-zero images and templates, and
     non-finite CTF parameters, reported with their files and indices before any compute."""
     from cryolike_dask.pipeline.tasks import check_images, check_templates
@@ -245,10 +240,10 @@ def _validate_data(
             dask.delayed(check_templates)(run.templates, k, a, min(n_t, a + plan.template_block))
             for a in range(0, n_t, plan.template_block)
         ]
-    if client is not None:
-        results = client.gather(client.compute(checks))
+    if executor.client is not None:
+        results = executor.client.gather(executor.client.compute(checks))
     else:
-        results = dask.compute(*checks, scheduler=scheduler or "threads")
+        results = dask.compute(*checks, scheduler=executor.scheduler)
     problems = [p for block in results for p in block]
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
@@ -257,76 +252,50 @@ def _validate_data(
         )
 
 
-def _contiguous(blocks: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for b in blocks:
-        if runs and b == runs[-1][-1] + 1:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
-    return runs
+# ------------------------------------------------------------------------------ batches
+def _units(blocks: list[int]) -> list[list[int]]:
+    """Blocks of a batch grouped into at most :data:`MAX_UNITS_PER_BATCH` tracked units."""
+    size = -(-len(blocks) // MAX_UNITS_PER_BATCH)
+    return [blocks[i : i + size] for i in range(0, len(blocks), size)]
 
 
-def _store_batch(
+def _store_unit(
     graph: BatchGraph,
     results: ResultsStore,
     structure: int,
-    blocks: list[int],
-    request: OutputRequest,
-) -> list[da.Array]:
+    batch: list[int],
+    unit: list[int],
+    run: LikelihoodRun,
+    image_ranges: list[tuple[int, int]],
+) -> Any:
+    """A delayed that stores the outputs of ``unit`` (consecutive blocks of ``batch``)."""
+    offsets, offset = {}, 0
+    for b in batch:
+        a, e = image_ranges[b]
+        offsets[b] = (offset, offset + e - a, a, e)
+        offset += e - a
     sources, targets, regions = [], [], []
-    offset = 0
-    for run_blocks in _contiguous(blocks):
-        a = results.block_range(run_blocks[0])[0]
-        b = results.block_range(run_blocks[-1])[1]
-        sl = slice(offset, offset + (b - a))
-        offset += b - a
-        names = list(POSE_FIELDS if request.integrated else POSE_FIELDS[:-1])
-        for name in names:
-            sources.append(graph.poses[name][sl][None, :])
-            targets.append(results.group[name])
-            regions.append((slice(structure, structure + 1), slice(a, b)))
-        if graph.optimal_likelihood is not None:
-            sources.append(graph.optimal_likelihood[sl][None, :])
-            targets.append(results.group["log_likelihood_optimal_fourier"])
-            regions.append((slice(structure, structure + 1), slice(a, b)))
-        for name, arr in graph.per_template.items():
-            sources.append(arr[sl])
-            targets.append(results.per_template_array(structure, name))
-            regions.append((slice(a, b), slice(None)))
-        if graph.full is not None:
-            sources.append(graph.full[sl])
-            targets.append(results.full_array(structure))
-            regions.append((slice(a, b), slice(None), slice(None), slice(None)))
-    stored = da.store(sources, targets, regions=regions, lock=False, compute=False)
-    return list(stored) if isinstance(stored, (tuple, list)) else [stored]
+    for b in unit:
+        lo, hi, a, e = offsets[b]
+        for q in run.request.quantities:
+            arr = graph.outputs[q.name][lo:hi]
+            if q.scope == "image":
+                sources.append(arr[None, :])
+                targets.append(results.array(q))
+                regions.append((slice(structure, structure + 1), slice(a, e)))
+            else:
+                sources.append(arr)
+                targets.append(results.array(q, structure))
+                regions.append((slice(a, e),) + (slice(None),) * (arr.ndim - 1))
+    return when_done(da.store(sources, targets, regions=regions, lock=False, compute=False))
 
 
-def _compute(stored: list, client: Any, scheduler: str | None, progress: bool) -> None:
-    if client is None:
-        if progress:
-            import sys
-
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar(minimum=1.0, dt=0.1 if sys.stdout.isatty() else 5.0):
-                dask.compute(*stored, scheduler=scheduler or "threads")
-        else:
-            dask.compute(*stored, scheduler=scheduler or "threads")
-        return
-    futures = client.compute(stored)
-    if progress:
-        import sys
-
-        from distributed import progress as dprogress
-
-        # a terminal gets a live bar; a log file gets an update every few seconds
-        dprogress(futures, notebook=False, interval="100ms" if sys.stdout.isatty() else "2s")
-    client.gather(futures)
+def _stack_blocks(plan: planning.BlockPlan, start: int, stop: int) -> list[int]:
+    return list(range(start // plan.image_block, -(-stop // plan.image_block)))
 
 
-def _stack_blocks(results: ResultsStore, start: int, stop: int) -> list[int]:
-    return list(range(start // results.image_block, -(-stop // results.image_block)))
+def _all_done(results: ResultsStore, structure: int, start: int, stop: int, bits: int) -> bool:
+    return bool(np.all((results.done_images(structure, start, stop) & bits) == bits))
 
 
 def execute(
@@ -336,56 +305,48 @@ def execute(
     scheduler: str | None = None,
     memory_bytes: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
     stop_after_batches: int | None = None,
 ) -> RunReport:
-    """Run the likelihood with an existing client (or a local ``scheduler`` when ``None``).
+    """Run the likelihood on ``client`` (or a local ``scheduler`` when ``None``).
 
     ``stop_after_batches`` ends the run early after that many graphs (for tests of resuming).
     """
     t_start = time.perf_counter()
     validate(run)
+    run = dataclasses.replace(run, device=resolve_device(run.device, client))
     report = RunReport()
     fp = fingerprint(run)
-    n_templates = [run.templates.n_templates(k) for k in run.structures]
-    params = run.templates.parameters
-    grid = params.polar_grid
-    budget = memory_bytes or worker_memory(client, ClusterOptions(scheduler=scheduler), run.device)
-
-    def plan_for(templates_per_block: int | None, images_per_block: int | None):
-        return planning.plan_blocks(
-            run.images.n_images,
-            max(n_templates),
-            grid.n_shells,
-            grid.n_inplanes,
-            run.displacements.n_displacements,
-            complex_bytes=Precision.parse(run.precision).resolve().complex_dtype.itemsize,
-            memory_bytes=budget,
-            templates_per_block=templates_per_block,
-            images_per_block=images_per_block,
-            full=run.request.full,
-            work_bytes=run.work_bytes,
-            max_tasks=run.max_tasks,
-            split_every=run.split_every,
-            min_tasks=2 * total_threads(client),
-        )
-
-    plan = plan_for(run.templates_per_block, run.images_per_block)
+    state = check_output_folder(run, fp)
+    executor = Executor(client, scheduler, progress)
+    plan, budget = plan_run(run, client, memory_bytes)
+    logger.info(describe_cost(run, total_threads(client)))
     if run.validate_data:  # before anything is written
-        _validate_data(run, plan, client, scheduler)
-    results = _open_results(run, fp, plan, log)
+        validate_data(run, plan, executor)
+    if state == "replace":
+        report.removed = _remove(OutputLayout(Path(run.output)).run_outputs())
+        logger.info("%s: removed %d outputs of the earlier run", run.output, len(report.removed))
+    results = _open_results(run, fp, plan, state)
     if (results.image_block, results.template_block) != (plan.image_block, plan.template_block):
-        log(
-            f"resuming {results.path}: keeping its blocks of {results.image_block} images and "
-            f"{results.template_block} templates"
+        logger.info(
+            "resuming %s: keeping its blocks of %d images and %d templates",
+            results.path,
+            results.image_block,
+            results.template_block,
         )
-        plan = plan_for(results.template_block, results.image_block)
+        plan, _ = plan_run(
+            run,
+            client,
+            budget,
+            templates_per_block=results.template_block,
+            images_per_block=results.image_block,
+        )
     report.plan = plan
-    log(planning.describe(plan))
+    logger.info(planning.describe(plan))
+    results.require(run.request.quantities, run.structures)
     layout = OutputLayout(Path(run.output))
     if run.export_pt:
         write_displacements(layout, run.displacements.as_array())
-    settings = _settings(run, template_cache=max(budget // 2, plan.task_bytes))
+    settings = kernel_settings(run, template_cache=max(budget // 2, plan.task_bytes))
     bits = run.request.bits
     image_ranges = plan.image_ranges()
     graphs = 0
@@ -395,47 +356,57 @@ def execute(
             (a, min(n_t, a + plan.template_block)) for a in range(0, n_t, plan.template_block)
         ]
         if not run.skip_exist:
-            results.clear_done(k, list(range(results.n_blocks)))
-        done = results.done()[k]
-        pending = [b for b in range(results.n_blocks) if (int(done[b]) & bits) != bits]
-        report.blocks_skipped += results.n_blocks - len(pending)
+            results.clear_done(k, 0, run.images.n_images, bits)
+        pending = [
+            b for b, (a, e) in enumerate(image_ranges) if not _all_done(results, k, a, e, bits)
+        ]
+        report.blocks_skipped += len(image_ranges) - len(pending)
         exported: set[int] = set()
         computed: set[int] = set()
-        for batch in plan.batches(pending):
-            if stop_after_batches is not None and graphs >= stop_after_batches:
-                report.seconds = time.perf_counter() - t_start
-                return report
-            graph = build_batch_graph(
-                settings,
-                run.templates,
-                k,
-                run.images,
-                [image_ranges[b] for b in batch],
-                t_ranges,
-                optimal_likelihood=run.request.optimal_likelihood,
-                per_template=run.request.per_template,
-                split_every=plan.split_every,
-            )
-            stored = _store_batch(graph, results, k, batch, run.request)
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", da.PerformanceWarning)
-                _compute(stored, client, scheduler, progress)
-            report.compute_seconds += time.perf_counter() - t0
-            results.mark_done(k, batch, bits)
-            computed.update(batch)
-            graphs += 1
-            report.graphs += 1
-            report.kernel_tasks += graph.n_kernel_tasks
-            report.blocks_computed += len(batch)
-            m = sum(image_ranges[b][1] - image_ranges[b][0] for b in batch)
-            report.pose_evaluations += (
-                float(m) * n_t * run.displacements.n_displacements * grid.n_inplanes
-            )
-            if run.export_pt:
-                _export_ready(run, results, layout, k, fp, exported, computed, report)
+        label = f"likelihood {run.templates.names[k]!r}"
+        with Progress(len(pending) * len(t_ranges), label, "kernel block", progress) as bar:
+            for batch in plan.batches(pending):
+                if stop_after_batches is not None and graphs >= stop_after_batches:
+                    report.seconds = time.perf_counter() - t_start
+                    return report
+                graph = build_batch_graph(
+                    settings,
+                    run.templates,
+                    k,
+                    run.images,
+                    [image_ranges[b] for b in batch],
+                    t_ranges,
+                    run.request,
+                    split_every=plan.split_every,
+                )
+                units = _units(batch)
+                stored = [
+                    (
+                        _store_unit(graph, results, k, batch, u, run, image_ranges),
+                        len(u) * len(t_ranges),
+                    )
+                    for u in units
+                ]
+
+                def finished(i: int, k=k, units=units, exported=exported, computed=computed):
+                    results.mark_done(k, [image_ranges[b] for b in units[i]], bits)
+                    computed.update(units[i])
+                    if run.export_pt:
+                        _export_ready(run, results, plan, layout, k, fp, exported, computed, report)
+
+                t0 = time.perf_counter()
+                executor.run(stored, label, bar=bar, on_done=finished)
+                report.compute_seconds += time.perf_counter() - t0
+                graphs += 1
+                report.graphs += 1
+                report.kernel_tasks += graph.n_kernel_tasks
+                report.blocks_computed += len(batch)
+                m = sum(image_ranges[b][1] - image_ranges[b][0] for b in batch)
+                report.pose_evaluations += (
+                    float(m) * n_t * run.displacements.n_displacements * run.parameters.n_inplanes
+                )
         if run.export_pt:
-            _export_ready(run, results, layout, k, fp, exported, computed, report)
+            _export_ready(run, results, plan, layout, k, fp, exported, computed, report)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -443,6 +414,7 @@ def execute(
 def _export_ready(
     run: LikelihoodRun,
     results: ResultsStore,
+    plan: planning.BlockPlan,
     layout: OutputLayout,
     structure: int,
     fp: dict,
@@ -452,21 +424,21 @@ def _export_ready(
 ) -> None:
     """Export every stack whose blocks are all done, unless its files are valid and none of
     its blocks was computed by this run."""
-    done = results.done()[structure]
     bits = run.request.bits
+    quantities = run.request.quantities
     for i_stack, info in enumerate(run.images.stacks):
         if i_stack in exported:
             continue
-        blocks = _stack_blocks(results, info.start, info.stop)
-        if any((int(done[b]) & bits) != bits for b in blocks):
+        if not _all_done(results, structure, info.start, info.stop, bits):
             continue
+        blocks = _stack_blocks(plan, info.start, info.stop)
         if run.skip_exist and not computed.intersection(blocks):
-            ok, _ = verify_stack(layout, structure, i_stack, run.request, fp)
+            ok, _ = verify_stack(layout, structure, i_stack, quantities, fp)
             if ok:
                 exported.add(i_stack)
                 report.stacks_skipped += 1
                 continue
-        export_stack(results, layout, structure, i_stack, info, run.request, fp)
+        export_stack(results, layout, structure, i_stack, info, quantities, fp)
         exported.add(i_stack)
         report.stacks_exported += 1
 
@@ -475,16 +447,20 @@ def run_likelihood(
     run: LikelihoodRun,
     cluster: ClusterOptions | None = None,
     *,
+    client: Any = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> RunReport:
-    """Validate, start or connect to a cluster, and :func:`execute` the run."""
+    """Validate, then :func:`execute` the run on ``client``, the session's active client, the
+    cluster of ``cluster`` or a new LocalCluster (in that order; see
+    :func:`~cryolike_dask.pipeline.cluster.get_client`)."""
     validate(run)
     cluster = cluster or ClusterOptions()
-    with get_client(cluster, run.device) as client:
-        link = getattr(client, "dashboard_link", None) if client is not None else None
+    check_output_folder(run, fingerprint(run))  # before a cluster starts
+    hint = run.device if run.device != "auto" else resolve_device("auto")
+    with get_client(cluster, hint, client) as c:
+        link = getattr(c, "dashboard_link", None) if c is not None else None
         if link:
-            log(f"Dask dashboard: {link}")
-        report = execute(run, client, scheduler=cluster.scheduler, progress=progress, log=log)
+            logger.info("Dask dashboard: %s", link)
+        report = execute(run, c, scheduler=cluster.scheduler, progress=progress)
         report.dashboard_link = link
     return report

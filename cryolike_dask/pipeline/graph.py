@@ -26,40 +26,28 @@ from dask.base import tokenize
 from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.kernels.reduction import reduce_packed
 from cryolike_dask.pipeline import tasks
+from cryolike_dask.pipeline.spec import OutputRequest
 from cryolike_dask.precision import Precision
-
-POSE_FIELDS = (
-    "cross_correlation",
-    "optimal_template",
-    "optimal_displacement_x",
-    "optimal_displacement_y",
-    "optimal_inplane_rotation",
-    "log_likelihood_integrated_fourier",
-)
 
 
 @dataclass(frozen=True)
 class BatchGraph:
-    """Lazy outputs of one batch: per image (1-D over the batch's images), and optional ones.
+    """Lazy outputs of one batch, keyed by quantity name (rows of
+    :data:`~cryolike_dask.io.outputs.OUTPUTS` selected by the request).
 
     Attributes
     ----------
-    poses : dict of str to dask.array.Array
-        :data:`POSE_FIELDS`, each ``[M_batch]``.
-    optimal_likelihood : dask.array.Array or None
-        ``[M_batch]``.
-    per_template : dict of str to dask.array.Array
-        ``[M_batch, S]`` each (empty unless asked for).
-    full : dask.array.Array or None
-        ``[M_batch, S, D, W]``.
+    outputs : dict of str to dask.array.Array
+        Scope ``image``: ``[M_batch]``; ``template``: ``[M_batch, S]``; ``full``:
+        ``[M_batch, S, D, W]``. Images are the batch's blocks, concatenated in order.
     n_kernel_tasks : int
+    kernel_name : str
+        Key prefix of the kernel tasks (progress counts them).
     """
 
-    poses: dict[str, da.Array]
-    optimal_likelihood: da.Array | None
-    per_template: dict[str, da.Array]
-    full: da.Array | None
+    outputs: dict[str, da.Array]
     n_kernel_tasks: int
+    kernel_name: str
 
 
 def _one(value: Any, ndim: int) -> np.ndarray:
@@ -90,7 +78,7 @@ def _identity(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndar
 
 
 def _field(reduced: np.ndarray, settings: tasks.KernelSettings, field_name: str) -> np.ndarray:
-    return getattr(tasks.finalize_block(settings, reduced), field_name)
+    return tasks.finalize_block(settings, reduced)[field_name]
 
 
 def _optimal_ll(block_chunk, reduced, settings, templates, structure) -> np.ndarray:
@@ -113,9 +101,8 @@ def build_batch_graph(
     images: ImageSource,
     image_ranges: list[tuple[int, int]],
     template_ranges: list[tuple[int, int]],
+    request: OutputRequest,
     *,
-    optimal_likelihood: bool = False,
-    per_template: bool = False,
     split_every: int = 8,
 ) -> BatchGraph:
     """Build (lazily) the graph of one batch.
@@ -126,8 +113,8 @@ def build_batch_graph(
         The image blocks of the batch (any blocks; the outputs concatenate them in order).
     template_ranges : list of (start, stop)
         The template blocks of the structure, covering ``[0, S)`` in order.
-    optimal_likelihood, per_template : bool
-        Optional outputs (the full tensor follows ``settings.outputs.full``).
+    request : OutputRequest
+        Which quantities to build (``settings.outputs`` must agree: full tensor, integrated).
     split_every : int
         Fan-in of the reduction tree over template blocks.
     """
@@ -143,6 +130,7 @@ def build_batch_graph(
     i_idx = da.arange(n_i, chunks=1)
     t_idx = da.arange(n_t, chunks=1)
     obj1, obj2 = np.empty((0,), object), np.empty((0, 0), object)
+    out: dict[str, da.Array] = {}
     with warnings.catch_warnings():
         # an outer product of blocks multiplies the chunk count on purpose
         warnings.simplefilter("ignore", da.PerformanceWarning)
@@ -170,100 +158,93 @@ def build_batch_graph(
             meta=obj2,
             name=key("cc-kernel"),
         )
-        partials = da.blockwise(
-            _partial,
-            "tif",
-            kernel,
-            "ti",
-            t_idx,
-            "t",
-            settings=settings,
-            t_ranges=tuple(template_ranges),
-            new_axes={"f": 3},
-            adjust_chunks={"i": isizes},
-            align_arrays=False,
-            dtype=np.float64,
-            meta=np.empty((0, 0, 0)),
-            name=key("partial"),
-        )
-        reduced = da.reduction(
-            partials,
-            chunk=_identity,
-            combine=reduce_packed,
-            aggregate=reduce_packed,
-            axis=0,
-            split_every=split_every,
-            dtype=np.float64,
-            concatenate=True,
-            meta=np.empty((0, 0)),
-            name=key("best-pose"),
-        )
-        poses = {}
-        for name in POSE_FIELDS:
-            dtype = np.int64 if name == "optimal_template" else rdt
-            poses[name] = reduced.map_blocks(
-                _field,
+        reduced = None
+        if request.needs_reduction:
+            partials = da.blockwise(
+                _partial,
+                "tif",
+                kernel,
+                "ti",
+                t_idx,
+                "t",
                 settings=settings,
-                field_name=name,
-                drop_axis=1,
-                dtype=dtype,
-                meta=np.empty((0,), dtype),
-                name=key("pose-" + name.replace("_", "-")),
-            )
-        opt = None
-        if optimal_likelihood:
-            opt = da.blockwise(
-                _optimal_ll,
-                "i",
-                blocks,
-                "i",
-                reduced,
-                "if",
-                settings=settings,
-                templates=templates,
-                structure=structure,
+                t_ranges=tuple(template_ranges),
+                new_axes={"f": 3},
                 adjust_chunks={"i": isizes},
                 align_arrays=False,
-                concatenate=True,
-                dtype=rdt,
-                meta=np.empty((0,), rdt),
-                name=key("optimal-ll"),
+                dtype=np.float64,
+                meta=np.empty((0, 0, 0)),
+                name=key("partial"),
             )
-        extra = {}
-        if per_template:
-            names = [
-                "cross_correlation",
-                "optimal_displacement_x",
-                "optimal_displacement_y",
-                "optimal_inplane_rotation",
-            ]
-            if settings.outputs.integrated_likelihood:
-                names.append("log_likelihood_integrated_fourier")
-            for name in names:
-                extra[name] = da.blockwise(
+            reduced = da.reduction(
+                partials,
+                chunk=_identity,
+                combine=reduce_packed,
+                aggregate=reduce_packed,
+                axis=0,
+                split_every=split_every,
+                dtype=np.float64,
+                concatenate=True,
+                meta=np.empty((0, 0)),
+                name=key("best-pose"),
+            )
+        for q in request.quantities:
+            dtype = np.int64 if q.kind == "int" else rdt
+            label = q.name.replace("_", "-")
+            if q.source == "reduction":
+                out[q.name] = reduced.map_blocks(
+                    _field,
+                    settings=settings,
+                    field_name=q.name,
+                    drop_axis=1,
+                    dtype=dtype,
+                    meta=np.empty((0,), dtype),
+                    name=key("pose-" + label),
+                )
+            elif q.source == "optimal_likelihood":
+                out[q.name] = da.blockwise(
+                    _optimal_ll,
+                    "i",
+                    blocks,
+                    "i",
+                    reduced,
+                    "if",
+                    settings=settings,
+                    templates=templates,
+                    structure=structure,
+                    adjust_chunks={"i": isizes},
+                    align_arrays=False,
+                    concatenate=True,
+                    dtype=dtype,
+                    meta=np.empty((0,), dtype),
+                    name=key("optimal-ll"),
+                )
+            elif q.source == "per_template":
+                out[q.name] = da.blockwise(
                     _per_template,
                     "it",
                     kernel,
                     "ti",
                     settings=settings,
-                    field_name=name,
+                    field_name=q.name,
                     adjust_chunks={"i": isizes, "t": tsizes},
-                    dtype=rdt,
-                    meta=np.empty((0, 0), rdt),
-                    name=key("per-template-" + name.replace("_", "-")),
+                    dtype=dtype,
+                    meta=np.empty((0, 0), dtype),
+                    name=key(label),
                 )
-        full = None
-        if settings.outputs.full:
-            n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
-            full = da.blockwise(
-                _full,
-                "itdw",
-                kernel,
-                "ti",
-                new_axes={"d": n_d, "w": n_w},
-                adjust_chunks={"i": isizes, "t": tsizes},
-                dtype=rdt,
-                meta=np.empty((0, 0, 0, 0), rdt),
-                name=key("full-cc"),
-            )
-    return BatchGraph(poses, opt, extra, full, n_i * n_t)
+            elif q.source == "full":
+                n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
+                out[q.name] = da.blockwise(
+                    _full,
+                    "itdw",
+                    kernel,
+                    "ti",
+                    new_axes={"d": n_d, "w": n_w},
+                    adjust_chunks={"i": isizes, "t": tsizes},
+                    dtype=dtype,
+                    meta=np.empty((0, 0, 0, 0), dtype),
+                    name=key("full-cc"),
+                )
+            else:  # pragma: no cover - the table and this builder must agree
+                raise ValueError(f"no graph for output source {q.source!r} ({q.name})")
+    return BatchGraph(out, n_i * n_t, key("cc-kernel"))

@@ -10,16 +10,18 @@ the number of directions. Outputs: ``OUT/templates.zarr`` and CryoLike's
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
+from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io.models import MODEL_SUFFIXES, read_atoms
 from cryolike_dask.io.mrc import mrc_info, read_volume
@@ -27,18 +29,21 @@ from cryolike_dask.io.torch_files import save_tensor
 from cryolike_dask.io.zarr_stores import TemplateStore
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.pipeline.cluster import ClusterOptions, get_client
+from cryolike_dask.pipeline.executor import Executor, when_done
 from cryolike_dask.preprocess.templates import (
     normalize_templates,
     templates_from_atoms,
     templates_from_volume,
 )
 
+logger = logging.getLogger(__name__)
+
 MAP_SUFFIXES = (".mrc", ".map", ".mrcs")
 #: Relative tolerance when comparing a map's box (voxels × voxel size) with the image box.
 BOX_TOLERANCE = 1e-3
 
 
-class TemplateInputError(ValueError):
+class TemplateInputError(CryoLikeDaskError):
     """An input to ``make-templates`` cannot be used (reported before any work starts)."""
 
 
@@ -199,10 +204,25 @@ def make_templates(
     overwrite: bool = False,
     export_pt: bool = True,
     cluster: ClusterOptions | None = None,
+    client: Any = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Make templates for every input; returns the ``.pt`` files (or the store path).
+
+    Parameters
+    ----------
+    inputs : list of path
+        Density maps (``.mrc/.map/.mrcs``) and atomic models (``.pdb/.cif``), one structure
+        each.
+    params : ImageParameters
+        Polar grid and viewing directions: each structure gives ``S`` complex templates
+        ``[S, N, W]`` (unit norm).
+    output : path
+        Folder for ``templates.zarr``, ``templates_fourier_NAME.pt`` and
+        ``template_file_list.npy``.
+    client : distributed.Client, optional
+        Where to run (default: the session's active client, else ``cluster``, else a new
+        LocalCluster).
 
     Refuses to replace existing outputs unless ``overwrite``.
     """
@@ -214,7 +234,7 @@ def make_templates(
     if not overwrite:
         existing = [p for p in (store_path, listing, *pt_paths) if p.exists()]
         if existing:
-            raise FileExistsError(f"{existing[0]}: exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{existing[0]}: exists; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     angles: ViewingAngles = params.viewing_angles
     n = angles.n_angles
@@ -226,9 +246,13 @@ def make_templates(
         templates_per_block = max(1, min(n, fits, -(-n // 8)))
     ranges = tuple((a, min(n, a + templates_per_block)) for a in range(0, n, templates_per_block))
     store = TemplateStore.create(store_path, params, overwrite=overwrite)
-    log(
-        f"{len(sources)} structure(s) × {n} viewing directions in {len(ranges)} block(s) of "
-        f"≤{templates_per_block}"
+    logger.info(
+        "%d structure(s) × %d viewing directions (angular step ~%.1f°) in %d block(s) of ≤%d",
+        len(sources),
+        n,
+        angles.step_degrees(),
+        len(ranges),
+        templates_per_block,
     )
     targets, arrays = [], []
     for source in sources:
@@ -250,15 +274,15 @@ def make_templates(
         )
         arrays.append(arr)
         targets.append(target)
-    stored = da.store(arrays, targets, lock=False, compute=False)
-    stored = list(stored) if isinstance(stored, (tuple, list)) else [stored]
+    stored = [
+        (when_done(da.store([arr], [target], lock=False, compute=False)), len(ranges))
+        for arr, target in zip(arrays, targets, strict=True)
+    ]
     cluster = cluster or ClusterOptions()
-    with get_client(cluster) as client:
-        from cryolike_dask.pipeline.driver import _compute
-
-        if client is not None and getattr(client, "dashboard_link", None):
-            log(f"Dask dashboard: {client.dashboard_link}")
-        _compute(stored, client, cluster.scheduler, progress)
+    with get_client(cluster, client=client) as c:
+        if c is not None and getattr(c, "dashboard_link", None):
+            logger.info("Dask dashboard: %s", c.dashboard_link)
+        Executor(c, cluster.scheduler, progress).run(stored, "templates", unit="block")
     if not export_pt:
         return [store_path]
     for k, path in enumerate(pt_paths):

@@ -1,24 +1,27 @@
 """Block planning: template and image block sizes from a memory budget, and batches of blocks.
 
-Memory of one kernel task (bytes, ``c`` = bytes per complex, ``r`` per real):
-
-* prepared template block: ``s · (D·N·Q + N·Q + N·W) · c`` (the displaced spectra dominate);
-* image block, raw and prepared: ``m · (N·W·c + 2·Q·N·c + N·W·r)``;
-* kernel temporaries: ``work_bytes``;
-* per-template outputs ``m · s · 4 · r`` and, when asked for, the full tensor ``m·s·D·W·r``.
-
-Blocks are chosen so that a task fits in a fraction of the worker's memory; a graph holds at
-most ``max_tasks`` kernel tasks, larger runs are split into batches of image blocks.
+The planner is pure and knows nothing of FFTs: it asks the kernel for the memory model of a
+task (:func:`cryolike_dask.kernels.cross_correlation.kernel_memory`: bytes per template, per
+image and per (image, template) pair) and chooses blocks so that a task fits in a fraction of
+the worker's memory; a graph holds at most ``max_tasks`` kernel tasks, larger runs are split
+into batches of image blocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cryolike_dask.kernels.fourier_bessel import n_orders
+from cryolike_dask.errors import ParameterError
+from cryolike_dask.kernels.cross_correlation import KernelMemory, kernel_memory
 
 #: Kernel tasks per submitted graph (graph construction and scheduling stay cheap below this).
 MAX_TASKS_PER_GRAPH = 10_000
+
+
+def _model(n_shells: int, n_inplanes: int, n_displacements: int, complex_bytes: int):
+    return kernel_memory(
+        n_shells, n_inplanes, n_displacements, "double" if complex_bytes == 16 else "single"
+    )
 
 
 @dataclass(frozen=True)
@@ -84,16 +87,9 @@ def task_memory(
     full: bool = False,
     work_bytes: int = 256 * 2**20,
 ) -> int:
-    """Estimated peak bytes of one kernel task (see the module docstring)."""
-    c, r = complex_bytes, complex_bytes // 2
-    q = n_orders(n_inplanes)
-    p = n_shells * n_inplanes
-    templates = template_block * (n_displacements * n_shells * q + n_shells * q + p) * c
-    images = image_block * (p * c + 2 * q * n_shells * c + p * r)
-    outputs = image_block * template_block * 4 * r
-    if full:
-        outputs += image_block * template_block * n_displacements * n_inplanes * r
-    return int(templates + images + outputs + work_bytes)
+    """Estimated peak bytes of one kernel task (the kernel's memory model)."""
+    model = _model(n_shells, n_inplanes, n_displacements, complex_bytes)
+    return model.task_bytes(image_block, template_block, full=full, work_bytes=work_bytes)
 
 
 def plan_blocks(
@@ -122,21 +118,16 @@ def plan_blocks(
     smaller, down to 16 images, until there are that many kernel tasks.
     """
     if n_images < 1 or n_templates < 1:
-        raise ValueError(f"nothing to do: {n_images} images, {n_templates} templates")
+        raise ParameterError(f"nothing to do: {n_images} images, {n_templates} templates")
     usable = max(memory_bytes - work_bytes, memory_bytes // 4)
-    q = n_orders(n_inplanes)
-    per_template = n_displacements * n_shells * q + n_shells * q + n_shells * n_inplanes
-    per_template *= complex_bytes
+    model: KernelMemory = _model(n_shells, n_inplanes, n_displacements, complex_bytes)
     if templates_per_block is None:
-        tb = max(1, min(n_templates, int(0.4 * usable // per_template)))
+        tb = max(1, min(n_templates, int(0.4 * usable // model.per_template)))
         tb = -(-n_templates // -(-n_templates // tb))  # even out
     else:
         tb = max(1, min(int(templates_per_block), n_templates))
     if images_per_block is None:
-        p = n_shells * n_inplanes
-        per_image = p * complex_bytes * 2.5 + 2 * q * n_shells * complex_bytes + tb * 4 * 4
-        if full:
-            per_image += tb * n_displacements * n_inplanes * complex_bytes // 2
+        per_image = model.per_image + tb * (model.per_pair + (model.per_pair_full if full else 0))
         ib = int(max(1, min(n_images, 4096, 0.25 * usable // per_image)))
         # enough tasks to keep every worker thread busy (blocks of at least 16 images)
         n_tb = -(-n_templates // tb)
@@ -148,16 +139,7 @@ def plan_blocks(
         ib = max(1, min(int(images_per_block), n_images))
     n_t = -(-n_templates // tb)
     per_batch = max(1, max_tasks // n_t)
-    mem = task_memory(
-        ib,
-        tb,
-        n_shells,
-        n_inplanes,
-        n_displacements,
-        complex_bytes,
-        full=full,
-        work_bytes=work_bytes,
-    )
+    mem = model.task_bytes(ib, tb, full=full, work_bytes=work_bytes)
     return BlockPlan(n_images, n_templates, ib, tb, per_batch, max(2, split_every), mem)
 
 

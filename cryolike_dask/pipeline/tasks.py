@@ -330,20 +330,13 @@ def partial_of(result: BlockResult, t0: int, n_displacements: int, n_inplanes: i
     return pack_partial(result.best_cross_correlation, pose, result.log_likelihood_sum)
 
 
-@dataclass(frozen=True)
-class PosesOut:
-    """Per-image results of one image block (host arrays, length ``m``)."""
+def finalize_block(settings: KernelSettings, reduced: np.ndarray) -> dict[str, np.ndarray]:
+    """Decode reduced partials ``[m, 3]`` into the per-image quantities of the reduction.
 
-    cross_correlation: np.ndarray
-    optimal_template: np.ndarray
-    optimal_displacement_x: np.ndarray
-    optimal_displacement_y: np.ndarray
-    optimal_inplane_rotation: np.ndarray
-    log_likelihood_integrated_fourier: np.ndarray
-
-
-def finalize_block(settings: KernelSettings, reduced: np.ndarray) -> PosesOut:
-    """Decode reduced partials ``[m, 3]`` into poses (Å, rad) and the integrated likelihood."""
+    Returns ``{name: [m] array}`` for every ``source == "reduction"`` row of
+    :data:`~cryolike_dask.io.outputs.OUTPUTS`: poses in Å and rad, the template index and
+    the integrated likelihood (NaN unless it was computed).
+    """
     rdt = Precision.parse(settings.precision).resolve().real_dtype
     n_d = settings.n_displacements
     n_w = settings.parameters.n_inplanes
@@ -354,14 +347,14 @@ def finalize_block(settings: KernelSettings, reduced: np.ndarray) -> PosesOut:
     ill = reduced[:, LOG_SUM] - (math.log(n_d) + math.log(n_w))
     if not settings.outputs.integrated_likelihood:
         ill = np.full_like(ill, np.nan)
-    return PosesOut(
-        reduced[:, SCORE].astype(rdt),
-        s.astype(np.int64),
-        disp[0, d].astype(rdt),
-        disp[1, d].astype(rdt),
-        theta[w].astype(rdt),
-        ill.astype(rdt),
-    )
+    return {
+        "cross_correlation": reduced[:, SCORE].astype(rdt),
+        "optimal_template": s.astype(np.int64),
+        "optimal_displacement_x": disp[0, d].astype(rdt),
+        "optimal_displacement_y": disp[1, d].astype(rdt),
+        "optimal_inplane_rotation": theta[w].astype(rdt),
+        "log_likelihood_integrated_fourier": ill.astype(rdt),
+    }
 
 
 def optimal_likelihood_task(
@@ -369,18 +362,18 @@ def optimal_likelihood_task(
     templates: TemplateSource,
     structure: int,
     block: ImageBlock,
-    poses: PosesOut,
+    poses: dict[str, np.ndarray],
 ) -> np.ndarray:
     """Log-likelihood of each image of the block at its optimal pose (spec §12); ``[m]``."""
     xp = settings.xp()
-    chosen = xp.asarray(templates.take(structure, poses.optimal_template))
+    chosen = xp.asarray(templates.take(structure, poses["optimal_template"]))
     out = optimal_pose_log_likelihood(
         chosen,
         xp.asarray(block.images),
         block_ctf(settings, block, xp),
-        xp.asarray(poses.optimal_displacement_x),
-        xp.asarray(poses.optimal_displacement_y),
-        xp.asarray(poses.optimal_inplane_rotation),
+        xp.asarray(poses["optimal_displacement_x"]),
+        xp.asarray(poses["optimal_displacement_y"]),
+        xp.asarray(poses["optimal_inplane_rotation"]),
         settings.parameters.polar_grid,
         settings.parameters.box_size,
         settings.parameters.cartesian_grid.n_pixels_total,
@@ -390,20 +383,23 @@ def optimal_likelihood_task(
 
 
 def per_template_of(settings: KernelSettings, result: BlockResult, name: str) -> np.ndarray:
-    """One ``[m, s]`` per-template array of a kernel result (Å and rad for poses)."""
+    """One ``[m, s]`` per-template quantity of a kernel result (Å and rad for poses).
+
+    ``name`` is a ``scope == "template"`` row of :data:`~cryolike_dask.io.outputs.OUTPUTS`.
+    """
     n_w = settings.parameters.n_inplanes
-    if name == "cross_correlation":
+    if name == "per_template_cross_correlation":
         return result.cross_correlation_ms
-    if name == "log_likelihood_integrated_fourier":
+    if name == "per_template_log_likelihood_integrated_fourier":
         if result.log_likelihood_ms is None:
             raise ValueError("per-template integrated likelihood was not computed")
         return result.log_likelihood_ms
     d, w = result.pose_ms // n_w, result.pose_ms % n_w
     rdt = result.cross_correlation_ms.dtype
-    if name == "optimal_displacement_x":
+    if name == "per_template_optimal_displacement_x":
         return settings.displacement_array[0, d].astype(rdt)
-    if name == "optimal_displacement_y":
+    if name == "per_template_optimal_displacement_y":
         return settings.displacement_array[1, d].astype(rdt)
-    if name == "optimal_inplane_rotation":
+    if name == "per_template_optimal_inplane_rotation":
         return settings.parameters.polar_grid.theta[w].astype(rdt)
     raise KeyError(name)

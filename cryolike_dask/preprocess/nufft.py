@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
 from cryolike_dask.grids.polar import PolarGrid
 from cryolike_dask.precision import Precision
 
@@ -37,7 +38,7 @@ def images_to_polar(
     k1 = (2.0 * np.pi * 2.0 * grid.x_points / nx).ravel()
     k2 = (2.0 * np.pi * 2.0 * grid.y_points / ny).ravel()
     if np.abs(k1).max() > 3 * np.pi or np.abs(k2).max() > 3 * np.pi:
-        raise ValueError(
+        raise ParameterError(
             f"the polar grid reaches beyond 1.5× Nyquist of {nx}×{ny} images (radius "
             f"{grid.radius_max}); use a smaller resolution_factor"
         )
@@ -64,7 +65,7 @@ def volume_at_points(
 
     coords = [2.0 * np.pi * 2.0 * points[:, ax] * scale[ax] for ax in range(3)]
     if max(float(np.abs(c).max(initial=0.0)) for c in coords) > 3 * np.pi:
-        raise ValueError("the polar grid reaches beyond 1.5× Nyquist of the map's voxels")
+        raise ParameterError("the polar grid reaches beyond 1.5× Nyquist of the map's voxels")
     f = np.ascontiguousarray(volume, dtype=np.complex128)
     return finufft.nufft3d2(*coords, f, isign=-1, eps=tolerance(precision, eps))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
 from cryolike_dask.grids.polar import PolarGrid
 from cryolike_dask.precision import Precision
 from cryolike_dask.preprocess.nufft import images_to_polar
@@ -14,10 +15,10 @@ def downsample(images: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return images
     if factor < 1 or factor % 2:
-        raise ValueError(f"the downsampling factor must be 1 or even, not {factor}")
+        raise ParameterError(f"the downsampling factor must be 1 or even, not {factor}")
     m, nx, ny = images.shape
     if nx % factor or ny % factor:
-        raise ValueError(f"{nx}×{ny} images cannot be downsampled by {factor}")
+        raise ParameterError(f"{nx}×{ny} images cannot be downsampled by {factor}")
     return images.reshape(m, nx // factor, factor, ny // factor, factor).mean(axis=(2, 4))
 
 
@@ -31,7 +32,7 @@ def center_and_scale(images: np.ndarray) -> np.ndarray:
     peak = np.abs(x).max(axis=(1, 2), keepdims=True)
     flat = np.flatnonzero(peak.ravel() == 0)
     if flat.size:
-        raise ValueError(f"image {int(flat[0])} is constant (no signal after centring)")
+        raise ParameterError(f"image {int(flat[0])} is constant (no signal after centring)")
     return (x / peak).astype(np.float32)
 
 
@@ -41,7 +42,7 @@ def unit_normalize(fourier: np.ndarray, grid: PolarGrid) -> np.ndarray:
     norms = np.sqrt(np.sum((fourier.real**2 + fourier.imag**2) * w, axis=(1, 2)))
     zero = np.flatnonzero(~(norms > 0))
     if zero.size:
-        raise ValueError(f"image {int(zero[0])} has zero norm on the polar grid")
+        raise ParameterError(f"image {int(zero[0])} has zero norm on the polar grid")
     return fourier / norms[:, None, None]
 
 

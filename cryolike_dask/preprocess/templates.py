@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryolike_dask.errors import ParameterError
 from cryolike_dask.grids.polar import PolarGrid
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.precision import Precision
@@ -82,7 +83,7 @@ def templates_from_atoms(
             / (8.0 * np.pi**2 * n_atoms)
         )
     else:
-        raise ValueError(f"atom_shape must be 'gaussian' or 'hard-sphere', not {atom_shape!r}")
+        raise ParameterError(f"atom_shape must be 'gaussian' or 'hard-sphere', not {atom_shape!r}")
     u = slice_directions(angles, grid)  # [S, W, 3]
     n_s, n_n, n_w = angles.n_angles, grid.n_shells, grid.n_inplanes
     if method == "auto":
@@ -93,7 +94,7 @@ def templates_from_atoms(
             t -= _offset_shape(grid)[None] * np.exp(log_a).sum()
         return t.astype(prec.complex_dtype)
     if method != "direct":
-        raise ValueError(f"method must be 'auto', 'direct' or 'nufft', not {method!r}")
+        raise ParameterError(f"method must be 'auto', 'direct' or 'nufft', not {method!r}")
     t = np.zeros((n_s, n_n, n_w), dtype=np.complex128)
     # Σ_a radial[n, a] exp(i φ[s, n, w, a]) in chunks of atoms and templates (bounded memory)
     per_atom = max(1, n_n * n_w * 16 * 3)
@@ -185,5 +186,5 @@ def normalize_templates(templates: np.ndarray, grid: PolarGrid) -> np.ndarray:
     w = grid.integration_weights
     norms = np.sqrt(np.sum(np.abs(templates.astype(np.complex128)) ** 2 * w, axis=(1, 2)))
     if np.any(~(norms > 0)):
-        raise ValueError(f"template {int(np.flatnonzero(~(norms > 0))[0])} has zero norm")
+        raise ParameterError(f"template {int(np.flatnonzero(~(norms > 0))[0])} has zero norm")
     return (templates / norms[:, None, None]).astype(templates.dtype)

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from cryolike_dask.grids import DisplacementGrid
-from cryolike_dask.io.exports import OutputRequest
 from cryolike_dask.io.sources import ZarrImages, ZarrTemplates
 from cryolike_dask.pipeline import LikelihoodRun, execute
+from cryolike_dask.pipeline.spec import OutputRequest
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
         templates_per_block=32,
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report = execute(run, scheduler="sync", progress=False, log=lambda *a: None)
+    report = execute(run, scheduler="sync", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"baseline_mib": before, "peak_mib": peak, "blocks": report.blocks_computed}))
 

@@ -17,7 +17,7 @@ SYNC = ClusterOptions(scheduler="sync")
 
 def _convert(particles, params, out, **kw):
     return cp.convert_particles(
-        particles, params, out, cluster=SYNC, progress=False, log=lambda *a: None, **kw
+        particles, params, out, cluster=SYNC, progress=False, **kw
     )
 
 

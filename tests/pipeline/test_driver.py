@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from cryolike_dask.grids import DisplacementGrid
-from cryolike_dask.io.exports import OutputRequest, record_path
+from cryolike_dask.io.exports import record_path
+from cryolike_dask.io.outputs import BY_NAME
 from cryolike_dask.io.sources import CryoLikeTemplates
 from cryolike_dask.io.zarr_stores import ResultsStore
 from cryolike_dask.pipeline import LikelihoodRun, RunConfigurationError, execute
+from cryolike_dask.pipeline.spec import OutputRequest
 
 ALL = OutputRequest(
     optimal_pose=True, integrated=True, optimal_likelihood=True, per_template=True, full=True
@@ -50,7 +52,7 @@ def _quiet(*args, **kwargs) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(ref_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
-    report = execute(_run(ref_inputs, out), scheduler="sync", progress=False, log=_quiet)
+    report = execute(_run(ref_inputs, out), scheduler="sync", progress=False)
     return out, report, _pt_files(out)
 
 
@@ -62,7 +64,7 @@ def test_writes_results_store_and_cryolike_files(uninterrupted, ref_inputs) -> N
     cc = store.group["cross_correlation"]
     assert cc.metadata.dimension_names == ("structure", "image") and cc.shape == (1, 24)
     np.testing.assert_allclose(cc[0], ref_inputs["outputs"]["t0_cross_correlation"], atol=1e-6)
-    full = store.full_array(0)
+    full = store.array(BY_NAME["cross_correlation_pose_msdw"], 0)
     assert full.shape == (24, 96, 9, 64) and full.chunks == (5, 30, 9, 64)
     np.testing.assert_array_equal(
         files["template0/cross_correlation/cross_correlation_pose_msdw_stack_000001.pt"], full[12:]
@@ -75,7 +77,7 @@ def test_writes_results_store_and_cryolike_files(uninterrupted, ref_inputs) -> N
 def test_resume_after_interruption(uninterrupted, ref_inputs, tmp_path) -> None:
     _, _, expected = uninterrupted
     run = _run(ref_inputs, tmp_path, max_tasks=8)  # 4 template blocks: 2 image blocks per graph
-    first = execute(run, scheduler="sync", progress=False, log=_quiet, stop_after_batches=1)
+    first = execute(run, scheduler="sync", progress=False, stop_after_batches=1)
     assert first.blocks_computed == 2
     done = ResultsStore.open(tmp_path / "results.zarr", mode="r").done()[0]
     assert list(done) == [ALL.bits, ALL.bits, 0, 0, 0]
@@ -85,7 +87,6 @@ def test_resume_after_interruption(uninterrupted, ref_inputs, tmp_path) -> None:
         LikelihoodRun(**{**run.__dict__, "skip_exist": True}),
         scheduler="sync",
         progress=False,
-        log=_quiet,
     )
     assert (second.blocks_computed, second.blocks_skipped) == (3, 2)
     got = _pt_files(tmp_path)
@@ -98,13 +99,13 @@ def test_skip_exist_checks_content(uninterrupted, ref_inputs, tmp_path) -> None:
     out = tmp_path / "out"
     shutil.copytree(uninterrupted[0], out)
     run = _run(ref_inputs, out, skip_exist=True)
-    again = execute(run, scheduler="sync", progress=False, log=_quiet)
+    again = execute(run, scheduler="sync", progress=False)
     assert (again.blocks_computed, again.stacks_exported, again.stacks_skipped) == (0, 0, 2)
     victim = out / "template0/log_likelihood/log_likelihood_optimal_fourier_stack_000001.pt"
     data = bytearray(victim.read_bytes())
     data[-30] ^= 0xFF  # corrupt one byte: the file still exists with the same size
     victim.write_bytes(bytes(data))
-    repaired = execute(run, scheduler="sync", progress=False, log=_quiet)
+    repaired = execute(run, scheduler="sync", progress=False)
     assert (repaired.blocks_computed, repaired.stacks_exported, repaired.stacks_skipped) == (
         0,
         1,
@@ -121,25 +122,43 @@ def run_layout(out):
     return OutputLayout(out)
 
 
-def test_skip_exist_refuses_results_of_another_run(uninterrupted, ref_inputs, tmp_path) -> None:
+def test_another_run_is_refused_and_overwrite_replaces_it(
+    uninterrupted, ref_inputs, tmp_path
+) -> None:
     out = tmp_path / "out"
     shutil.copytree(uninterrupted[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     other = DisplacementGrid.from_search(1.0, 3, 3, 1.5)
-    with pytest.raises(RunConfigurationError, match=r"displacements.*--skip-exist"):
-        execute(
-            _run(ref_inputs, out, displacements=other, skip_exist=True),
-            scheduler="sync",
-            progress=False,
-            log=_quiet,
-        )
-    messages = []
+    for skip in (True, False):
+        with pytest.raises(RunConfigurationError, match=r"another run \(other displacements\)"):
+            execute(
+                _run(ref_inputs, out, displacements=other, skip_exist=skip),
+                scheduler="sync",
+                progress=False,
+            )
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # refused before anything was written
     report = execute(
-        _run(ref_inputs, out, displacements=other),
+        _run(ref_inputs, out, displacements=other, overwrite=True, request=OutputRequest()),
         scheduler="sync",
         progress=False,
-        log=messages.append,
     )
-    assert report.blocks_computed == 5 and any("afresh" in m for m in messages)
+    assert report.blocks_computed == 5 and len(report.removed) >= 4
+    # nothing of the old run is left: no per-template, full or likelihood files
+    left = {str(p.relative_to(out)) for p in out.rglob("*.pt")}
+    assert left == {"displacements_set.pt"} | {
+        f"template0/{sub}_stack_00000{i}.pt"
+        for i in (0, 1)
+        for sub in (
+            "cross_correlation/cross_correlation",
+            "optimal_pose/optimal_template",
+            "optimal_pose/optimal_displacement_x",
+            "optimal_pose/optimal_displacement_y",
+            "optimal_pose/optimal_inplane_rotation",
+        )
+    }
+    disp = torch.load(out / "displacements_set.pt", weights_only=False)
+    np.testing.assert_allclose(disp, other.as_array())
 
 
 def test_several_structures_and_bad_index(ref_inputs, tmp_path) -> None:
@@ -165,7 +184,6 @@ def test_several_structures_and_bad_index(ref_inputs, tmp_path) -> None:
         _run(ref_inputs, out, templates=templates, structures=(0, 1), request=request),
         scheduler="sync",
         progress=False,
-        log=_quiet,
     )
     assert report.blocks_computed == 10
     store = ResultsStore.open(out / "results.zarr", mode="r")
@@ -179,18 +197,14 @@ def test_several_structures_and_bad_index(ref_inputs, tmp_path) -> None:
             _run(ref_inputs, out, templates=templates, structures=(2,)),
             scheduler="sync",
             progress=False,
-            log=_quiet,
         )
 
 
 def test_connects_to_a_running_scheduler(uninterrupted, ref_inputs, local_client, tmp_path) -> None:
     from cryolike_dask.pipeline import ClusterOptions, run_likelihood
 
-    messages: list[str] = []
     options = ClusterOptions(scheduler_address=local_client.scheduler.address)
-    report = run_likelihood(
-        _run(ref_inputs, tmp_path), options, progress=False, log=messages.append
-    )
+    report = run_likelihood(_run(ref_inputs, tmp_path), options, progress=False)
     assert report.blocks_computed == 5
     got, expected = _pt_files(tmp_path), uninterrupted[2]
     for key in expected:

@@ -14,6 +14,9 @@ from cryolike_dask.params import ImageParameters
 from cryolike_dask.pipeline import tasks
 from cryolike_dask.pipeline.graph import build_batch_graph
 from cryolike_dask.pipeline.plan import MAX_TASKS_PER_GRAPH, plan_blocks
+from cryolike_dask.pipeline.spec import OutputRequest
+
+ALL = OutputRequest(integrated=True, optimal_likelihood=True, per_template=True, full=True)
 
 
 def _settings(ref, **outputs):
@@ -40,29 +43,22 @@ def _compute(ref, ib, tb, split_every=8, scheduler="sync"):
         ref["images"],
         _ranges(24, ib),
         _ranges(96, tb),
-        optimal_likelihood=True,
-        per_template=True,
+        ALL,
         split_every=split_every,
     )
-    return g, dask.compute(
-        g.poses, g.optimal_likelihood, g.per_template, g.full, scheduler=scheduler
-    )
+    return g, dask.compute(g.outputs, scheduler=scheduler)[0]
 
 
 def _assert_same(a, b):
-    poses_a, opt_a, pt_a, full_a = a
-    poses_b, opt_b, pt_b, full_b = b
-    for key in poses_a:
-        if key == "log_likelihood_integrated_fourier":
-            np.testing.assert_allclose(poses_a[key], poses_b[key], rtol=0, atol=1e-3)
+    assert a.keys() == b.keys() == {q.name for q in ALL.quantities}
+    for key in a:
+        if key == "log_likelihood_optimal_fourier":
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6)
+        elif "log_likelihood" in key:
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-3)
         else:
-            np.testing.assert_allclose(poses_a[key], poses_b[key], rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(poses_a["optimal_template"], poses_b["optimal_template"])
-    np.testing.assert_allclose(opt_a, opt_b, rtol=1e-6)
-    np.testing.assert_allclose(full_a, full_b, rtol=0, atol=1e-6)
-    for key in pt_a:
-        atol = 1e-3 if key.startswith("log") else 1e-6
-        np.testing.assert_allclose(pt_a[key], pt_b[key], rtol=0, atol=atol)
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(a["optimal_template"], b["optimal_template"])
 
 
 def test_one_block_equals_many_small_blocks(ref_inputs) -> None:
@@ -72,7 +68,7 @@ def test_one_block_equals_many_small_blocks(ref_inputs) -> None:
     _assert_same(whole, small)
     # the single-block result is CryoLike's (tested in detail in tests/kernels)
     np.testing.assert_array_equal(
-        whole[0]["optimal_template"], ref_inputs["outputs"]["t0_optimal_template"]
+        whole["optimal_template"], ref_inputs["outputs"]["t0_optimal_template"]
     )
 
 
@@ -92,13 +88,10 @@ def test_many_blocks_on_local_cluster(ref_inputs, local_client) -> None:
         ref_inputs["images"],
         _ranges(24, 7),
         _ranges(96, 5),
-        optimal_likelihood=True,
-        per_template=True,
+        ALL,
         split_every=3,
     )
-    result = dask.compute(
-        g.poses, g.optimal_likelihood, g.per_template, g.full, scheduler=local_client.get
-    )
+    result = dask.compute(g.outputs, scheduler=local_client.get)[0]
     _assert_same(whole, result)
     # the work ran in two worker processes
     assert len(local_client.scheduler_info()["workers"]) == 2
@@ -148,12 +141,12 @@ def test_planning_a_huge_run_is_lazy_and_bounded() -> None:
             placeholder,
             [image_ranges[b] for b in batches[0]],
             plan.template_ranges(),
-            optimal_likelihood=True,
+            OutputRequest(optimal_likelihood=True),
         )
-    layers = g.poses["cross_correlation"].dask.layers
+    layers = g.outputs["cross_correlation"].dask.layers
     kernel_tasks = sum(len(layer) for name, layer in layers.items() if name.startswith("cc-kernel"))
     assert kernel_tasks == g.n_kernel_tasks <= MAX_TASKS_PER_GRAPH
-    assert g.poses["cross_correlation"].shape == (
+    assert g.outputs["cross_correlation"].shape == (
         sum(b - a for a, b in (image_ranges[i] for i in batches[0])),
     )
 
@@ -163,6 +156,8 @@ def test_reading_errors_surface_from_tasks(ref_inputs) -> None:
     bad = _Placeholder.__new__(_Placeholder)
     object.__setattr__(bad, "parameters", ref_inputs["params"])
     object.__setattr__(bad, "stacks", (StackInfo("s", 0, 24),))
-    g = build_batch_graph(settings, ref_inputs["templates"], 0, bad, [(0, 24)], [(0, 96)])
+    g = build_batch_graph(
+        settings, ref_inputs["templates"], 0, bad, [(0, 24)], [(0, 96)], OutputRequest()
+    )
     with pytest.raises(AssertionError, match="must not read"):
-        g.poses["cross_correlation"].compute(scheduler="sync")
+        g.outputs["cross_correlation"].compute(scheduler="sync")

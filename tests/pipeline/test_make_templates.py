@@ -34,7 +34,6 @@ def test_1uao_matches_cryolike(reference_dir, tmp_path) -> None:
         templates_per_block=7,
         cluster=SYNC,
         progress=False,
-        log=_quiet,
     )
     assert [p.name for p in paths] == ["templates_fourier_1uao.pt"]
     ours = torch.load(paths[0]).numpy()
@@ -53,7 +52,6 @@ def test_1uao_matches_cryolike(reference_dir, tmp_path) -> None:
             tmp_path,
             cluster=SYNC,
             progress=False,
-            log=_quiet,
         )
 
 
@@ -65,7 +63,6 @@ def test_real_map_and_mmcif(data_dir, tmp_path) -> None:
         tmp_path,
         cluster=SYNC,
         progress=False,
-        log=_quiet,
     )
     grid = params.polar_grid
     for p in paths:
@@ -109,7 +106,7 @@ def _peak(params_path: Path, out: Path, model: Path) -> float:
         "from cryolike_dask.pipeline.make_templates import make_templates\n"
         f"p = ImageParameters.load({str(params_path)!r})\n"
         f"make_templates([{str(model)!r}], p, {str(out)!r}, templates_per_block=64,"
-        " cluster=ClusterOptions(scheduler='sync'), progress=False, log=lambda *a: None)\n"
+        " cluster=ClusterOptions(scheduler='sync'), progress=False)\n"
         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n"
     )
     proc = subprocess.run(

@@ -1,0 +1,162 @@
+"""The one executor every workflow uses (likelihood driver, ``make_templates``,
+``convert_particles``): it runs Dask collections or task functions on a client, or on a local
+scheduler when there is none, with one labelled progress display per step, and hands each
+finished unit of work back in completion order (so the driver can mark blocks done as they
+finish, and conversion can store stacks as they come).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+
+from cryolike_dask.pipeline._progress import Progress
+
+
+def _nothing(*args: Any) -> None:
+    return None
+
+
+def when_done(collections: Any) -> Any:
+    """One ``Delayed`` that finishes when every chunk of ``collections`` has (e.g. the
+    ``store-map`` arrays of ``da.store(..., compute=False)``), returning nothing: a unit of
+    work whose completion the driver can track without moving data."""
+    from dask.base import tokenize
+    from dask.core import flatten
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    if not isinstance(collections, (list, tuple)):
+        collections = [collections]
+    keys = [k for c in collections for k in flatten(c.__dask_keys__())]
+    name = "stored-" + tokenize(*collections)
+    graph = HighLevelGraph.from_collections(
+        name, {name: (_nothing, *keys)}, dependencies=list(collections)
+    )
+    return Delayed(name, graph)
+
+
+class Executor:
+    """Runs work on ``client`` (a ``distributed.Client``) or a local scheduler.
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+        ``None`` runs on ``scheduler`` (``"sync"`` or ``"threads"``, default threads).
+    scheduler : str, optional
+        The local scheduler when ``client`` is ``None``.
+    progress : bool
+        Show a progress display per call.
+    """
+
+    def __init__(self, client: Any = None, scheduler: str | None = None, progress: bool = True):
+        self.client = client
+        self.scheduler = scheduler or "threads"
+        self.progress = progress
+
+    def run(
+        self,
+        units: Sequence[tuple[Any, int]],
+        label: str,
+        *,
+        unit: str = "block",
+        bar: Progress | None = None,
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
+        """Compute every ``(delayed, weight)`` of ``units`` (see :func:`when_done`).
+
+        ``weight`` is how many progress units the collection stands for (e.g. its kernel
+        blocks); ``on_done(i)`` is called in the driver, in completion order, once unit ``i``
+        has finished. The first failure cancels the rest and is raised. ``bar`` continues an
+        existing progress display (one per structure over several batches).
+        """
+        if not units:
+            return
+        own = bar is None
+        if bar is None:
+            bar = Progress(sum(w for _, w in units), label, unit, self.progress)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", da.PerformanceWarning)
+                if self.client is None:
+                    self._run_local(units, bar, on_done)
+                else:
+                    self._run_distributed(units, bar, on_done)
+        finally:
+            if own:
+                bar.close()
+
+    def _run_local(self, units, bar: Progress, on_done) -> None:
+        from dask.callbacks import Callback
+
+        collections = [c for c, _ in units]
+        weights = {}
+        for c, w in units:
+            weights[c.key] = weights.get(c.key, 0) + w
+
+        def posttask(key, result, dsk, state, worker_id):
+            if key in weights:
+                bar.update(weights[key])
+
+        with Callback(posttask=posttask):
+            dask.compute(*collections, scheduler=self.scheduler)
+        if on_done is not None:
+            for i in range(len(units)):
+                on_done(i)
+
+    def _run_distributed(self, units, bar: Progress, on_done) -> None:
+        from distributed import as_completed
+
+        futures = self.client.compute([c for c, _ in units])
+        index = {f.key: i for i, f in enumerate(futures)}
+        try:
+            for future in as_completed(futures):
+                future.result()  # raises the task's error
+                i = index[future.key]
+                bar.update(units[i][1])
+                if on_done is not None:
+                    on_done(i)
+                future.release()
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[tuple],
+        label: str,
+        *,
+        unit: str = "task",
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> None:
+        """Run ``fn(*a)`` for each ``a`` of ``args`` (one task each, not cached).
+
+        ``on_result(i, result)`` is called in the driver in completion order.
+        """
+        with Progress(len(args), label, unit, self.progress) as bar:
+            if self.client is None:
+                for i, a in enumerate(args):
+                    result = fn(*a)
+                    bar.update(1)
+                    if on_result is not None:
+                        on_result(i, result)
+                return
+            from distributed import as_completed
+
+            futures = [self.client.submit(fn, *a, pure=False) for a in args]
+            index = {f.key: i for i, f in enumerate(futures)}
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    bar.update(1)
+                    if on_result is not None:
+                        on_result(index[future.key], result)
+                    future.release()
+            except BaseException:
+                self.client.cancel(futures)
+                raise
