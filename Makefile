@@ -26,11 +26,11 @@ demo: $(STAMP)
 	$(PY) -m cryolike_dask demo --output demo_output
 
 test: $(STAMP)
-	$(PY) -m ruff check cryolike_dask tests
+	$(PY) -m ruff check cryolike_dask tests benchmarks
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check cryolike_dask tests
+	$(PY) -m ruff check cryolike_dask tests benchmarks
 	$(PY) -m ruff format --check cryolike_dask tests
 
 clean:

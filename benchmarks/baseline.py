@@ -14,9 +14,15 @@ import numpy as np
 import torch
 
 
-def cryolike_best_pose(templates: np.ndarray, images: np.ndarray, ctf: np.ndarray,
-                       kernel: np.ndarray, shell_weights: np.ndarray, n_templates_per_batch: int = 16,
-                       n_images_per_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def cryolike_best_pose(
+    templates: np.ndarray,
+    images: np.ndarray,
+    ctf: np.ndarray,
+    kernel: np.ndarray,
+    shell_weights: np.ndarray,
+    n_templates_per_batch: int = 16,
+    n_images_per_batch: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
     """Best cross-correlation per image and its flat pose index ``s·D·W + d·W + w``."""
     t_all = torch.from_numpy(np.asarray(templates))
     i_all = torch.from_numpy(np.asarray(images))
@@ -40,7 +46,9 @@ def cryolike_best_pose(templates: np.ndarray, images: np.ndarray, ctf: np.ndarra
             iq = torch.fft.fft(sigma * im * c, dim=-1, norm="ortho").conj()
             xq = torch.einsum("mnq,sdnq->msdq", iq, tq)
             x = torch.fft.irfft(xq, n=n_w, dim=-1, norm="forward")
-            c_sq = torch.fft.fft((c * c).to(torch.complex64), dim=-1, norm="ortho").conj().unsqueeze(1)
+            c_sq = (
+                torch.fft.fft((c * c).to(torch.complex64), dim=-1, norm="ortho").conj().unsqueeze(1)
+            )
             ixx = torch.fft.irfft((t_sq * c_sq).sum(2), n=n_w, dim=-1, norm="forward")
             iyy = torch.sum((im * sigma).abs() ** 2, dim=(-1, -2))
             cc = x / torch.sqrt(ixx[:, :, None, :] * iyy[:, None, None, None])

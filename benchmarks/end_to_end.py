@@ -73,21 +73,32 @@ def make_inputs(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "templates").mkdir(parents=True)
     (folder / "particles" / "fft").mkdir(parents=True)
-    params = ImageParameters.from_values(N_PIXELS, 1.0, n_inplanes=2 * N_PIXELS,
-                                         viewing_distance=VIEWING_DISTANCE)  # fmt: skip
+    params = ImageParameters.from_values(
+        N_PIXELS, 1.0, n_inplanes=2 * N_PIXELS, viewing_distance=VIEWING_DISTANCE
+    )
     params.save(folder / "templates" / "parameters.npz")
     g = params.polar_grid
     rng = np.random.default_rng(0)
     n_t = params.viewing_angles.n_angles
-    torch.save(torch.from_numpy(hermitian(rng, n_t, g.n_shells, g.n_inplanes)),
-               folder / "templates" / "templates_fourier_bench.pt")  # fmt: skip
-    np.save(folder / "templates" / "template_file_list.npy",
-            np.array([str(folder / "templates" / "templates_fourier_bench.pt")]))  # fmt: skip
+    torch.save(
+        torch.from_numpy(hermitian(rng, n_t, g.n_shells, g.n_inplanes)),
+        folder / "templates" / "templates_fourier_bench.pt",
+    )
+    np.save(
+        folder / "templates" / "template_file_list.npy",
+        np.array([str(folder / "templates" / "templates_fourier_bench.pt")]),
+    )
     for i in range(N_IMAGES // STACK):
-        torch.save(torch.from_numpy(hermitian(rng, STACK, g.n_shells, g.n_inplanes)),
-                   folder / "particles" / "fft" / f"particles_fourier_stack_{i:06d}.pt")  # fmt: skip
-        lens = LensParameters(rng.uniform(8e3, 2e4, STACK), rng.uniform(8e3, 2e4, STACK),
-                              rng.uniform(0, 3, STACK), np.zeros(STACK))  # fmt: skip
+        torch.save(
+            torch.from_numpy(hermitian(rng, STACK, g.n_shells, g.n_inplanes)),
+            folder / "particles" / "fft" / f"particles_fourier_stack_{i:06d}.pt",
+        )
+        lens = LensParameters(
+            rng.uniform(8e3, 2e4, STACK),
+            rng.uniform(8e3, 2e4, STACK),
+            rng.uniform(0, 3, STACK),
+            np.zeros(STACK),
+        )
         fields = params.to_dict()
         fields.update(lens.to_dict())
         fields["n_images"] = np.int64(STACK)
@@ -117,36 +128,57 @@ def main(argv: list[str] | None = None) -> int:
     out_base.mkdir(parents=True)
     script = work / "baseline_run.py"
     script.write_text(BASELINE_SCRIPT)
-    base_s, base_out = timed([sys.executable, str(script), str(work / "inputs"), str(out_base),
-                              str(ROOT)], ROOT)  # fmt: skip
-    ours_s, _ = timed([sys.executable, "-m", "cryolike_dask", "likelihood", "--templates",
-                       str(work / "inputs" / "templates"), "--particles",
-                       str(work / "inputs" / "particles"), "--params",
-                       str(work / "inputs" / "templates" / "parameters.npz"), "--output",
-                       str(out_ours), "--max-displacement-pixels", "2", "--n-displacements-x",
-                       "5", "--n-displacements-y", "5", "--no-progress"], ROOT)  # fmt: skip
+    base_s, base_out = timed(
+        [sys.executable, str(script), str(work / "inputs"), str(out_base), str(ROOT)], ROOT
+    )
+    ours_s, _ = timed(
+        [
+            sys.executable,
+            "-m",
+            "cryolike_dask",
+            "likelihood",
+            "--templates",
+            str(work / "inputs" / "templates"),
+            "--particles",
+            str(work / "inputs" / "particles"),
+            "--params",
+            str(work / "inputs" / "templates" / "parameters.npz"),
+            "--output",
+            str(out_ours),
+            "--max-displacement-pixels",
+            "2",
+            "--n-displacements-x",
+            "5",
+            "--n-displacements-y",
+            "5",
+            "--no-progress",
+        ],
+        ROOT,
+    )
     import torch
 
     same = []
     for i in range(N_IMAGES // STACK):
         a = torch.load(out_base / f"best_{i}.pt").numpy()
-        b = torch.load(out_ours / "template0" / "cross_correlation" /
-                       f"cross_correlation_stack_{i:06d}.pt").numpy()  # fmt: skip
+        b = torch.load(
+            out_ours / "template0" / "cross_correlation" / f"cross_correlation_stack_{i:06d}.pt"
+        ).numpy()
         same.append(float(np.abs(a - b).max()))
     poses = N_IMAGES * 256 * 25 * 256
     rows = [
         "| run | wall time (s) | pose evaluations/s | vs baseline |",
         "|---|---|---|---|",
-        f"| CryoLike algorithm, torch, all cores (script) | {base_s:.1f} | {poses / base_s:.3g} | 1.00× |",
+        f"| CryoLike algorithm, torch, all cores (script) | {base_s:.1f} | "
+        f"{poses / base_s:.3g} | 1.00× |",
         f"| `cryolike-dask likelihood`, defaults | {ours_s:.1f} | {poses / ours_s:.3g} | "
         f"{base_s / ours_s:.2f}× |",
-    ]  # fmt: skip
+    ]
     text = "\n".join(rows) + (
         f"\n\nRealistic problem: 128 px (N=129, W=256), D=25, S=256, M=1024 in 4 stacks, read "
         f"from CryoLike folders; wall times include interpreter start, imports, cluster start "
         f"and I/O. Best cross-correlations agree to {max(same):.1e}. Baseline compute alone: "
         f"{json.loads(base_out.strip().splitlines()[-1])['inner_seconds']:.1f} s."
-    )  # fmt: skip
+    )
     print(text)
     if args.write:
         write_section("end-to-end", text)

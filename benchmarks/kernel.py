@@ -45,13 +45,23 @@ def _threads() -> int:
 
 def contraction_flops(p: Problem) -> float:
     g = p.grid
-    return 8.0 * p.n_images * p.n_templates * p.displacements.n_displacements * g.n_shells * (
-        g.n_inplanes // 2 + 1
+    return (
+        8.0
+        * p.n_images
+        * p.n_templates
+        * p.displacements.n_displacements
+        * g.n_shells
+        * (g.n_inplanes // 2 + 1)
     )
 
 
 def run_ours(p: Problem, repeats: int) -> dict:
-    from cryolike_dask.kernels import BlockOutputs, correlate_block, prepare_images, prepare_templates
+    from cryolike_dask.kernels import (
+        BlockOutputs,
+        correlate_block,
+        prepare_images,
+        prepare_templates,
+    )
 
     d = data(p, CACHE)
     grid = p.grid
@@ -60,14 +70,16 @@ def run_ours(p: Problem, repeats: int) -> dict:
     out = None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        pt = prepare_templates(np.asarray(d["templates"]), np.asarray(d["kernel"]), grid,
-                               workers=workers)  # fmt: skip
+        pt = prepare_templates(
+            np.asarray(d["templates"]), np.asarray(d["kernel"]), grid, workers=workers
+        )
         block = 256
         scores, poses = [], []
         for m0 in range(0, p.n_images, block):
             m1 = min(p.n_images, m0 + block)
-            pi = prepare_images(np.asarray(d["images"][m0:m1]), np.asarray(d["ctf"][m0:m1]), grid,
-                                workers=workers)  # fmt: skip
+            pi = prepare_images(
+                np.asarray(d["images"][m0:m1]), np.asarray(d["ctf"][m0:m1]), grid, workers=workers
+            )
             r = correlate_block(pt, pi, BlockOutputs(), workers=workers)
             scores.append(r.best_cross_correlation)
             poses.append(r.best_pose)
@@ -90,14 +102,21 @@ def run_baseline(p: Problem, repeats: int) -> dict:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        scores, poses = cryolike_best_pose(np.asarray(d["templates"]), np.asarray(d["images"]),
-                                           np.asarray(d["ctf"]), np.asarray(d["kernel"]),
-                                           grid.shell_integration_weights)  # fmt: skip
+        scores, poses = cryolike_best_pose(
+            np.asarray(d["templates"]),
+            np.asarray(d["images"]),
+            np.asarray(d["ctf"]),
+            np.asarray(d["kernel"]),
+            grid.shell_integration_weights,
+        )
         best = min(best, time.perf_counter() - t0)
     ours_s = np.load(CACHE / f"{p.name}_ours_scores.npy")
     ours_p = np.load(CACHE / f"{p.name}_ours_poses.npy")
-    return {"seconds": best, "max_score_difference": float(np.abs(ours_s - scores).max()),
-            "same_pose_fraction": float(np.mean(ours_p == poses))}  # fmt: skip
+    return {
+        "seconds": best,
+        "max_score_difference": float(np.abs(ours_s - scores).max()),
+        "same_pose_fraction": float(np.mean(ours_p == poses)),
+    }
 
 
 def run_gemm(p: Problem, repeats: int) -> dict:
@@ -113,7 +132,10 @@ def run_gemm(p: Problem, repeats: int) -> dict:
         t0 = time.perf_counter()
         np.matmul(a, b)
         best = min(best, time.perf_counter() - t0)
-    return {"gflops": 8.0 * q * m * n * cols / best / 1e9, "shape": f"[{q},{m},{n}]@[{q},{n},{cols}]"}
+    return {
+        "gflops": 8.0 * q * m * n * cols / best / 1e9,
+        "shape": f"[{q},{m},{n}]@[{q},{n},{cols}]",
+    }
 
 
 def child(method: str, size: str, repeats: int) -> None:
@@ -125,17 +147,31 @@ def child(method: str, size: str, repeats: int) -> None:
 
 def measure(method: str, size: str, repeats: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernel", "--child", method, "--sizes", size,
-         "--repeats", str(repeats)], capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.kernel",
+            "--child",
+            method,
+            "--sizes",
+            size,
+            "--repeats",
+            str(repeats),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{method} {size} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| problem | method | time (s) | pose evaluations/s | contraction GFLOP/s | "
-            "vs baseline | vs GEMM peak | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    head = (
+        "| problem | method | time (s) | pose evaluations/s | contraction GFLOP/s | "
+        "vs baseline | vs GEMM peak | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         lines.append(
@@ -164,15 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         gemm = measure("gemm", size, args.repeats)
         flops = contraction_flops(p)
         for name, r in (("CryoLike algorithm (torch)", base), ("cryolike_dask kernel", ours)):
-            rows.append({
-                "problem": p.describe(), "method": name, "seconds": r["seconds"],
-                "poses_per_s": p.pose_evaluations / r["seconds"], "gflops": flops / r["seconds"] / 1e9,
-                "speedup": base["seconds"] / r["seconds"],
-                "of_peak": flops / r["seconds"] / 1e9 / gemm["gflops"], "rss": r["peak_rss_mib"],
-            })  # fmt: skip
-        notes.append(f"- {size}: GEMM peak {gemm['gflops']:.1f} GFLOP/s ({gemm['shape']}); "
-                     f"ours vs baseline: best scores differ by ≤ {base['max_score_difference']:.1e}, "
-                     f"same pose for {base['same_pose_fraction']:.1%} of images")  # fmt: skip
+            rows.append(
+                {
+                    "problem": p.describe(),
+                    "method": name,
+                    "seconds": r["seconds"],
+                    "poses_per_s": p.pose_evaluations / r["seconds"],
+                    "gflops": flops / r["seconds"] / 1e9,
+                    "speedup": base["seconds"] / r["seconds"],
+                    "of_peak": flops / r["seconds"] / 1e9 / gemm["gflops"],
+                    "rss": r["peak_rss_mib"],
+                }
+            )
+        notes.append(
+            f"- {size}: GEMM peak {gemm['gflops']:.1f} GFLOP/s ({gemm['shape']}); "
+            f"ours vs baseline: best scores differ by ≤ {base['max_score_difference']:.1e}, "
+            f"same pose for {base['same_pose_fraction']:.1%} of images"
+        )
         print(table(rows))
     text = table(rows) + "\n\n" + "\n".join(notes)
     print()
@@ -183,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {_threads()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {_threads()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
 def write_section(name: str, body: str) -> None:
@@ -194,7 +239,7 @@ def write_section(name: str, body: str) -> None:
     stamp = f"_Measured {time.strftime('%Y-%m-%d')} on {machine()}._\n\n"
     block = f"{start}\n{stamp}{body}\n{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

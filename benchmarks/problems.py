@@ -35,15 +35,20 @@ class Problem:
 
     @property
     def pose_evaluations(self) -> float:
-        return float(self.n_images) * self.n_templates * self.displacements.n_displacements * (
-            self.grid.n_inplanes
+        return (
+            float(self.n_images)
+            * self.n_templates
+            * self.displacements.n_displacements
+            * (self.grid.n_inplanes)
         )
 
     def describe(self) -> str:
         g = self.grid
-        return (f"{self.n_pixels} px: N={g.n_shells}, W={g.n_inplanes}, "
-                f"D={self.displacements.n_displacements}, S={self.n_templates}, "
-                f"M={self.n_images}")  # fmt: skip
+        return (
+            f"{self.n_pixels} px: N={g.n_shells}, W={g.n_inplanes}, "
+            f"D={self.displacements.n_displacements}, S={self.n_templates}, "
+            f"M={self.n_images}"
+        )
 
 
 PROBLEMS = {
@@ -76,13 +81,27 @@ def data(problem: Problem, cache: Path) -> dict[str, np.ndarray]:
         arrays = {
             "templates": hermitian(rng, problem.n_templates, g.n_shells, g.n_inplanes),
             "images": hermitian(rng, m, g.n_shells, g.n_inplanes),
-            "ctf": ctf_polar(rng.uniform(8e3, 2e4, m), rng.uniform(8e3, 2e4, m),
-                             rng.uniform(0, 3, m), np.zeros(m), voltage_kv=300,
-                             spherical_aberration_mm=2.7, amplitude_contrast=0.1, radii=g.radii,
-                             theta=g.theta, box_size=problem.box).astype(np.float32),
-            "kernel": translation_kernel(g.x_points, g.y_points, problem.displacements.x,
-                                         problem.displacements.y, problem.box, np.complex64),
-        }  # fmt: skip
+            "ctf": ctf_polar(
+                rng.uniform(8e3, 2e4, m),
+                rng.uniform(8e3, 2e4, m),
+                rng.uniform(0, 3, m),
+                np.zeros(m),
+                voltage_kv=300,
+                spherical_aberration_mm=2.7,
+                amplitude_contrast=0.1,
+                radii=g.radii,
+                theta=g.theta,
+                box_size=problem.box,
+            ).astype(np.float32),
+            "kernel": translation_kernel(
+                g.x_points,
+                g.y_points,
+                problem.displacements.x,
+                problem.displacements.y,
+                problem.box,
+                np.complex64,
+            ),
+        }
         for k, v in arrays.items():
             np.save(paths[k], v)
     return {k: np.load(p, mmap_mode="r") for k, p in paths.items()}

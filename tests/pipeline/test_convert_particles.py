@@ -16,9 +16,7 @@ SYNC = ClusterOptions(scheduler="sync")
 
 
 def _convert(particles, params, out, **kw):
-    return cp.convert_particles(
-        particles, params, out, cluster=SYNC, progress=False, **kw
-    )
+    return cp.convert_particles(particles, params, out, cluster=SYNC, progress=False, **kw)
 
 
 def _stacks(folder, n):
