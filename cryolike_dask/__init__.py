@@ -13,6 +13,8 @@ One flat public API (``import cryolike_dask as cd``)::
 * the likelihood: :func:`likelihood` (lazy), :func:`write_likelihood` (resumable, into a
   folder: ``results.zarr`` and CryoLike's files), :data:`OUTPUTS` (what can be computed);
 * results: :func:`stitch` (matrices), :func:`plot_output_folder`;
+* the built-in example: :data:`EXAMPLE_MODELS`, :func:`example_model_path`,
+  :func:`simulate_particles`, :func:`run_demo`;
 * every user-facing error derives from :class:`CryoLikeDaskError`.
 
 Every function that computes uses the active Dask client (``distributed.Client``) when there
@@ -36,6 +38,9 @@ from cryolike_dask._api import (  # noqa: E402
     write_likelihood,
 )
 from cryolike_dask.config import ConfigError, load_config, run_config  # noqa: E402
+from cryolike_dask.demo import MODELS as EXAMPLE_MODELS  # noqa: E402
+from cryolike_dask.demo import SimulatedParticles, run_demo, simulate_particles  # noqa: E402
+from cryolike_dask.demo import model_path as example_model_path  # noqa: E402
 from cryolike_dask.errors import (  # noqa: E402
     CryoLikeDaskError,
     OutputExistsError,
@@ -83,6 +88,7 @@ from cryolike_dask.plots import plot_output_folder  # noqa: E402
 from cryolike_dask.precision import Precision  # noqa: E402
 
 __all__ = [
+    "EXAMPLE_MODELS",
     "OUTPUTS",
     "CartesianGrid2D",
     "ClusterError",
@@ -112,6 +118,7 @@ __all__ = [
     "Quantity",
     "RunConfigurationError",
     "RunReport",
+    "SimulatedParticles",
     "StitchError",
     "StoreError",
     "StructureIndexError",
@@ -120,6 +127,7 @@ __all__ = [
     "ViewingAngles",
     "__version__",
     "convert_particles",
+    "example_model_path",
     "gather",
     "gather_cryosparc_job",
     "gather_cs",
@@ -132,6 +140,8 @@ __all__ = [
     "open_templates",
     "plot_output_folder",
     "run_config",
+    "run_demo",
+    "simulate_particles",
     "stitch",
     "write_likelihood",
 ]

@@ -3,43 +3,47 @@
 1. Image parameters: 32-pixel images of 5 Å, 96 viewing directions, 64 in-plane angles.
 2. Templates of two apoferritin structures shipped with the package (a deformed one, the
    truth, and a symmetric one), from their atomic models.
-3. Synthetic particles from the deformed structure at known poses (a template, a shift on
-   the search grid, an in-plane rotation), each with its own astigmatic CTF and white noise,
-   written as an MRC stack with a RELION STAR file.
+3. Synthetic particles from the deformed structure's atomic model at known continuous poses,
+   as real particles (a viewing direction uniform on the sphere, an in-plane rotation uniform
+   in [0, 2π), a shift uniform in the search range; none on the search grids), each with its
+   own astigmatic CTF and white noise, written as an MRC stack with a RELION STAR file.
 4. ``convert-particles`` on those files, as for real data.
 5. ``likelihood`` of every image against both structures on a local Dask cluster.
-6. Matrices (``stitch``), a summary and PNG plots.
+6. Matrices (``stitch``), a summary and PNG plots. The summary sets the pose errors against
+   the grid steps and against the quantisation floor (the error of the nearest grid pose,
+   about half a step), which no search on these grids can beat.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from cryolike_dask.evaluation import PoseErrors, Truth, pose_errors
+from cryolike_dask.errors import OutputExistsError, ParameterError
+from cryolike_dask.evaluation import PoseErrors, Truth, chain_symmetry, pose_errors
 from cryolike_dask.grids.displacement import DisplacementGrid
-from cryolike_dask.io.exports import OutputRequest
+from cryolike_dask.io.models import read_atoms
 from cryolike_dask.io.mrc import write_images
 from cryolike_dask.io.particle_metadata import write_star
-from cryolike_dask.io.sources import ZarrImages, ZarrTemplates
-from cryolike_dask.io.stitch import stitch
-from cryolike_dask.io.torch_files import load_tensor
-from cryolike_dask.io.zarr_stores import ResultsStore
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.params.lens import LensParameters
-from cryolike_dask.pipeline import convert_particles as cp
 from cryolike_dask.pipeline.cluster import ClusterOptions
-from cryolike_dask.pipeline.driver import LikelihoodRun, run_likelihood
-from cryolike_dask.pipeline.make_templates import make_templates
-from cryolike_dask.plots import plot_output_folder
-from cryolike_dask.preprocess.synthesis import synthesize_particles
+from cryolike_dask.preprocess.synthesis import (
+    Poses,
+    SyntheticParticles,
+    synthesize_particles,
+    synthesize_particles_at_poses,
+)
 
-MODELS = ("apoferritin_ca_apo_def.pdb", "apoferritin_ca_apo_sym.pdb")  # truth first
+#: The example structures shipped with the package (the demo's truth first).
+MODELS = ("apoferritin_ca_apo_def.pdb", "apoferritin_ca_apo_sym.pdb")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,29 +59,53 @@ class DemoSummary:
     dashboard_link: str | None
     plots: list[Path]
 
+    poses: str = "continuous"
+
     def table(self) -> str:
         e = self.errors
+        where = "continuous poses" if self.poses == "continuous" else "poses on the search grids"
         rows = [
-            ("images", f"{self.n_images} (synthetic, from {self.structures[0]})"),
+            ("images", f"{self.n_images} (synthetic, from {self.structures[0]}, {where})"),
             ("structures compared", ", ".join(self.structures)),
             ("images preferring the true structure", f"{self.prefer_true:.1%}"),
-            ("poses within one grid step", f"{e.within_one_step.mean():.1%}"),
-            (
-                "median viewing-direction error",
-                f"{np.median(e.direction_deg):.1f}° (grid step {e.direction_step_deg:.1f}°)",
-            ),
-            (
-                "median in-plane rotation error",
-                f"{np.median(e.rotation_deg):.1f}° (grid step {e.rotation_step_deg:.1f}°)",
-            ),
-            (
-                "median shift error",
-                f"{np.median(e.shift_angstrom):.2f} Å (grid step {e.shift_step_angstrom:.2f} Å)",
-            ),
-            ("likelihood throughput", f"{self.poses_per_second:.3g} pose evaluations / s"),
-        ] + [(f"time: {k}", f"{v:.1f} s") for k, v in self.seconds.items()]
+        ]
+        rows += _error_rows(e, "pose errors against the truth")
+        if e.modulo_symmetry is not None:
+            rows += _error_rows(
+                e.modulo_symmetry, f"... up to the structure's {e.n_symmetry}-fold symmetry"
+            )
+        rows += [("likelihood throughput", f"{self.poses_per_second:.3g} pose evaluations / s")]
+        rows += [(f"time: {k}", f"{v:.1f} s") for k, v in self.seconds.items()]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _error_rows(e: PoseErrors, title: str) -> list[tuple[str, str]]:
+    """Table rows of pose errors: median / 90th percentile, share within one grid step, and
+    the same for the nearest grid pose (the floor set by the grids, about half a step)."""
+
+    def f(v: float, unit: str) -> str:
+        return f"{v:.2f} {unit}" if unit == "Å" else f"{v:.1f}{unit}"
+
+    stats = e.stats()
+    half = ", ".join(f(st.half_step, st.unit) for st in stats)
+    rows = [
+        (
+            title,
+            f"median / p90, share within one grid step; nearest grid pose (half a step: {half})",
+        )
+    ]
+    for st in stats:
+        rows.append(
+            (
+                f"  {st.name}",
+                f"{f(st.median, st.unit)} / {f(st.p90, st.unit)}, {st.within_step:.0%} within "
+                f"{f(st.step, st.unit)}; nearest grid pose {f(st.floor_median, st.unit)} / "
+                f"{f(st.floor_p90, st.unit)}",
+            )
+        )
+    rows.append(("  all three within one step", f"{e.within_one_step.mean():.1%}"))
+    return rows
 
 
 def model_path(name: str) -> Path:
@@ -85,62 +113,48 @@ def model_path(name: str) -> Path:
     return Path(str(resources.files("cryolike_dask") / "data" / name))
 
 
-def run_demo(
-    output: str | Path = "demo_output",
+def demo_displacements(params: ImageParameters) -> DisplacementGrid:
+    """The demo's displacement search: 3 × 3 within ±1 pixel."""
+    return DisplacementGrid.from_search(1, 3, 3, params.pixel_size[0])
+
+
+@dataclass(frozen=True)
+class SimulatedParticles:
+    """Files of :func:`simulate_particles` and the truth they were made from."""
+
+    mrcs: Path
+    star: Path
+    truth_file: Path
+    truth: Truth
+
+
+def simulate_particles(
+    output: str | Path,
+    params: ImageParameters,
+    n_images: int,
     *,
-    n_images: int = 300,
     snr: float = 0.1,
     seed: int = 0,
-    cluster: ClusterOptions | None = None,
-    progress: bool = True,
-    overwrite: bool = True,
-    log: Callable[[str], None] = print,
-) -> DemoSummary:
-    """Run the demo into ``output`` and return its summary (also written to summary.txt)."""
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
-    cluster = cluster or ClusterOptions()
-    rng = np.random.default_rng(seed)
-    seconds: dict[str, float] = {}
-    quiet = lambda *a: None  # noqa: E731
+    rng: np.random.Generator | None = None,
+    poses: str = "continuous",
+    templates: str | Path | None = None,
+) -> SimulatedParticles:
+    """Particles of the demo's true structure (the deformed apoferritin model shipped with
+    the package), written as real data: ``OUTPUT/particles.mrcs`` (float32 ``[M, n, n]``),
+    a RELION ``particles.star`` with each image's astigmatic CTF (defocus 8–16 µm), and
+    ``truth.npz`` (their poses: viewing direction, rotation in rad, shift in Å).
 
-    t0 = time.perf_counter()
-    params = ImageParameters.from_values(32, 5.0, n_inplanes=64, viewing_distance=8 / (4 * np.pi))
-    params.save(out / "parameters.npz", overwrite=True)
-    log(
-        f"[1/5] parameters: 32 px × 5 Å, {params.polar_grid.n_shells} shells × 64 angles, "
-        f"{params.viewing_angles.n_angles} viewing directions"
-    )
-    pts = make_templates(
-        [model_path(m) for m in MODELS],
-        params,
-        out / "templates",
-        overwrite=True,
-        cluster=ClusterOptions(scheduler="threads"),
-        progress=False,
-        log=quiet,
-    )
-    seconds["templates"] = time.perf_counter() - t0
-    log(
-        f"[2/5] templates of {', '.join(p.stem.removeprefix('templates_fourier_') for p in pts)}"
-        f" ({seconds['templates']:.1f} s)"
-    )
-
-    t0 = time.perf_counter()
-    true_templates = load_tensor(pts[0])
-    disp = DisplacementGrid.from_search(1, 3, 3, params.pixel_size[0])
-    m, w = n_images, params.n_inplanes
-    t_idx = rng.integers(0, true_templates.shape[0], m)
-    d_idx = rng.integers(0, disp.n_displacements, m)
-    truth = Truth(
-        0,
-        t_idx,
-        disp.x[d_idx].astype(float),
-        disp.y[d_idx].astype(float),
-        2 * np.pi * rng.integers(0, w, m) / w,
-    )
+    ``poses="continuous"``: directions uniform on the sphere, rotations uniform in [0, 2π),
+    shifts uniform within the demo's displacement search (±1 pixel), none on the search
+    grids; ``"grid"``: at poses of the grids (needs ``templates``, the true structure's
+    template file). White noise at ``snr``.
+    """
+    if poses not in ("continuous", "grid"):
+        raise ParameterError(f"poses must be 'continuous' or 'grid', not {poses!r}")
+    if poses == "grid" and templates is None:
+        raise ParameterError("poses='grid' needs the true structure's templates")
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    m = int(n_images)
     defocus = rng.uniform(8000, 16000, m)
     astig = rng.uniform(0, 1000, m)
     lens = LensParameters(
@@ -153,6 +167,60 @@ def run_demo(
         0.1,
         astigmatism_convention="relion",
     )
+    disp = demo_displacements(params)
+    truth, synthetic = _synthesize(poses, templates, params, disp, lens, snr, rng)
+    raw = Path(output)
+    raw.mkdir(parents=True, exist_ok=True)
+    write_images(raw / "particles.mrcs", synthetic.images, params.pixel_size[0], overwrite=True)
+    write_star(raw / "particles.star", lens)
+    truth.save(raw / "truth.npz")
+    return SimulatedParticles(
+        raw / "particles.mrcs", raw / "particles.star", raw / "truth.npz", truth
+    )
+
+
+def _synthesize(
+    poses: str,
+    true_pt: Path | None,
+    params: ImageParameters,
+    disp: DisplacementGrid,
+    lens: LensParameters,
+    snr: float,
+    rng: np.random.Generator,
+) -> tuple[Truth, SyntheticParticles]:
+    """The particles (one per image of ``lens``) of the true structure, MODELS[0] (its
+    atomic model, or its templates ``true_pt`` for grid poses), and their truth.
+
+    Apoferritin is 432-symmetric, and the deformed truth nearly so at this resolution (a
+    deformed copy of the symmetric structure, in its frame): the truth carries the symmetric
+    structure's 24 rotations, so that errors are also given up to them.
+    """
+    m = lens.defocus_u.size
+    symmetry = chain_symmetry(model_path(MODELS[1]))
+    if poses == "continuous":
+        atoms = read_atoms(model_path(MODELS[0]), params)
+        p = Poses.random(m, float(np.max(np.abs(disp.x))), rng)
+        synthetic = synthesize_particles_at_poses(
+            atoms.coordinates, atoms.radii, params, p, lens, snr, rng
+        )
+        truth = Truth.continuous(
+            0, p.azimuth, p.polar, p.rotation, p.displacement_x, p.displacement_y, symmetry
+        )
+        return truth, synthetic
+    from cryolike_dask.io.torch_files import load_tensor
+
+    true_templates = load_tensor(true_pt)
+    w = params.n_inplanes
+    t_idx = rng.integers(0, true_templates.shape[0], m)
+    d_idx = rng.integers(0, disp.n_displacements, m)
+    truth = Truth(
+        0,
+        t_idx,
+        disp.x[d_idx].astype(float),
+        disp.y[d_idx].astype(float),
+        2 * np.pi * rng.integers(0, w, m) / w,
+        symmetry=symmetry,
+    )
     synthetic = synthesize_particles(
         true_templates,
         params,
@@ -164,55 +232,117 @@ def run_demo(
         snr,
         rng,
     )
+    return truth, synthetic
+
+
+def run_demo(
+    output: str | Path = "demo_output",
+    *,
+    n_images: int = 300,
+    snr: float = 0.1,
+    seed: int = 0,
+    cluster: ClusterOptions | None = None,
+    progress: bool = True,
+    overwrite: bool = True,
+    poses: str = "continuous",
+) -> DemoSummary:
+    """Run the demo into ``output`` and return its summary (also written to summary.txt).
+
+    It uses the public API only (``import cryolike_dask as cd``), as a user would; steps are
+    reported through ``logging`` (the ``demo`` command shows them). The likelihood runs on
+    the active Dask client, else on ``cluster`` (default: a new LocalCluster).
+
+    ``poses="continuous"`` (default): particles at continuous poses, off the search grids, as
+    real particles; ``"grid"``: at poses of the search grids (a template, a displacement and a
+    rotation of the grids), where a perfect search makes no error at all.
+    """
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: exists and is not empty; pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = cluster or ClusterOptions()
+    rng = np.random.default_rng(seed)
+    seconds: dict[str, float] = {}
+    import cryolike_dask as cd
+
+    log = logger.info
+
+    t0 = time.perf_counter()
+    params = ImageParameters.from_values(32, 5.0, n_inplanes=64, viewing_distance=8 / (4 * np.pi))
+    params.save(out / "parameters.npz", overwrite=True)
+    log(
+        f"[1/5] parameters: 32 px × 5 Å, {params.polar_grid.n_shells} shells × 64 angles, "
+        f"{params.viewing_angles.n_angles} viewing directions"
+    )
+    pts = cd.make_templates(
+        [model_path(m) for m in MODELS],
+        params,
+        out / "templates",
+        overwrite=True,
+        cluster=ClusterOptions(scheduler="threads"),
+        progress=False,
+    )
+    seconds["templates"] = time.perf_counter() - t0
+    log(
+        f"[2/5] templates of {', '.join(p.stem.removeprefix('templates_fourier_') for p in pts)}"
+        f" ({seconds['templates']:.1f} s)"
+    )
+
+    t0 = time.perf_counter()
+    disp = demo_displacements(params)
+    m, w = n_images, params.n_inplanes
     raw = out / "raw"
-    raw.mkdir(exist_ok=True)
-    write_images(raw / "particles.mrcs", synthetic.images, params.pixel_size[0], overwrite=True)
-    write_star(raw / "particles.star", lens)
-    truth.save(raw / "truth.npz")
-    particles = cp.gather_paired([raw / "particles.mrcs"], [raw / "particles.star"], batch_size=100)
-    store = cp.convert_particles(
+    sim = simulate_particles(raw, params, m, snr=snr, rng=rng, poses=poses, templates=pts[0])
+    truth = sim.truth
+    particles = cd.gather_paired([raw / "particles.mrcs"], [raw / "particles.star"], batch_size=100)
+    store = cd.convert_particles(
         particles,
         params,
         out / "particles",
         overwrite=True,
         cluster=ClusterOptions(scheduler="sync"),
         progress=False,
-        log=quiet,
     )
     seconds["particles"] = time.perf_counter() - t0
     log(
-        f"[3/5] {m} particles at SNR {snr:g} written as MRC + STAR and converted "
+        f"[3/5] {m} particles at {poses} poses, SNR {snr:g}, written as MRC + STAR and converted "
         f"({seconds['particles']:.1f} s)"
     )
 
     t0 = time.perf_counter()
-    run = LikelihoodRun(
-        templates=ZarrTemplates.open(out / "templates" / "templates.zarr"),
-        images=ZarrImages.open(store),
-        output=out / "likelihood",
-        structures=(0, 1),
-        displacements=disp,
-        request=OutputRequest(integrated=True, optimal_likelihood=True),
-    )
     log("[4/5] likelihood of every image against both structures:")
-    report = run_likelihood(run, cluster, progress=progress, log=lambda s: log("      " + s))
+    report = cd.write_likelihood(
+        store,
+        out / "templates" / "templates.zarr",
+        out / "likelihood",
+        max_displacement_pixels=1,
+        n_displacements_x=3,
+        n_displacements_y=3,
+        integrated_likelihood=True,
+        optimal_pose_likelihood=True,
+        overwrite=True,
+        cluster=cluster,
+        progress=progress,
+    )
     seconds["likelihood (incl. cluster start)"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stitch(out / "likelihood")
-    results = ResultsStore.open(out / "likelihood" / "results.zarr", mode="r").group
-    ll = np.asarray(results["log_likelihood_integrated_fourier"][:])
+    cd.stitch(out / "likelihood")
+    import xarray as xr
+
+    results = xr.open_zarr(out / "likelihood" / "results.zarr").compute()
+    ll = results["log_likelihood_integrated_fourier"].values
     errors = pose_errors(
         params.viewing_angles,
         w,
         disp.as_array(),
         truth,
-        np.asarray(results["optimal_template"][0]),
-        np.asarray(results["optimal_displacement_x"][0]),
-        np.asarray(results["optimal_displacement_y"][0]),
-        np.asarray(results["optimal_inplane_rotation"][0]),
+        results["optimal_template"][0].values,
+        results["optimal_displacement_x"][0].values,
+        results["optimal_displacement_y"][0].values,
+        results["optimal_inplane_rotation"][0].values,
     )
-    plots = plot_output_folder(out / "likelihood", out / "plots", raw / "truth.npz")
+    plots = cd.plot_output_folder(out / "likelihood", out / "plots", raw / "truth.npz")
     seconds["matrices and plots"] = time.perf_counter() - t0
     summary = DemoSummary(
         m,
@@ -223,6 +353,7 @@ def run_demo(
         report.poses_per_second,
         report.dashboard_link,
         plots,
+        poses,
     )
     text = summary.table()
     (out / "summary.txt").write_text(text + "\n")

@@ -60,21 +60,32 @@ def plot_log_likelihood_differences(
 
 
 def plot_pose_errors(errors: PoseErrors, path: Path) -> Path:
-    """Histograms of viewing-direction, in-plane rotation and shift errors."""
+    """Histograms of viewing-direction, in-plane rotation and shift errors, with the grid
+    step and the quantisation floor (the error of the nearest grid pose) for comparison; a
+    second row up to the structure's symmetry when the errors have one."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    panels = (
-        (errors.direction_deg, errors.direction_step_deg, "viewing direction error (°)"),
-        (errors.rotation_deg, errors.rotation_step_deg, "in-plane rotation error (°)"),
-        (errors.shift_angstrom, errors.shift_step_angstrom, "shift error (Å)"),
-    )
-    for ax, (values, step, label) in zip(axes, panels, strict=True):
-        ax.hist(values, bins=30)
-        ax.axvline(step, color="r", ls="--", lw=1, label="one grid step")
-        ax.set_xlabel(label)
-        ax.legend()
-    axes[0].set_ylabel("images")
-    fig.suptitle(f"Pose recovery: {errors.within_one_step.mean():.0%} within one grid step")
+    sets = [(errors, "against the truth")]
+    if errors.modulo_symmetry is not None:
+        sets.append((errors.modulo_symmetry, f"up to {errors.n_symmetry}-fold symmetry"))
+    fig, axes = plt.subplots(len(sets), 3, figsize=(12, 3.6 * len(sets)), squeeze=False)
+    for row, (e, what) in zip(axes, sets, strict=True):
+        for ax, (name, unit, values, step, floor) in zip(row, e.components(), strict=True):
+            top = max(float(np.max(values, initial=0.0)), step, 1e-9)
+            bins = np.linspace(0.0, top * 1.02, 31)
+            ax.hist(values, bins=bins, label="recovered pose")
+            if floor is not None and np.any(floor > 0):
+                ax.hist(
+                    floor, bins=bins, histtype="step", color="k", lw=1.2, label="nearest grid pose"
+                )
+            ax.axvline(step, color="r", ls="--", lw=1, label="one grid step")
+            ax.axvline(step / 2, color="r", ls=":", lw=1, label="half a step")
+            ax.set_xlabel(f"{name} error ({unit})")
+            ax.legend(fontsize="small")
+        row[0].set_ylabel(f"images, {what}")
+    title = f"Pose recovery: {errors.within_one_step.mean():.0%} within one grid step"
+    if errors.modulo_symmetry is not None:
+        title += f" ({errors.modulo_symmetry.within_one_step.mean():.0%} up to symmetry)"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

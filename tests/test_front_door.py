@@ -35,10 +35,20 @@ def test_demo_summary(tmp_path) -> None:
         n_images=60,
         cluster=ClusterOptions(n_workers=2),
         progress=False,
-        log=_quiet,
     )
-    assert summary.prefer_true >= 0.9  # the true structure for the large majority of images
-    assert summary.errors.within_one_step.mean() >= 0.8  # poses within one grid step
+    # the true structure for the large majority of images (measured 0.917 with seed 0; seeds
+    # 1 and 2 give 0.917 and 0.883 at 60 images)
+    assert summary.prefer_true >= 0.85
+    # particles at continuous poses: even the nearest grid pose is about half a step off
+    # (measured: median 8.1° from the nearest of the 96 directions, 17.2° apart)
+    assert np.median(summary.errors.direction_floor_deg) > 0.25 * summary.errors.direction_step_deg
+    # apoferritin looks alike in 24 orientations at this resolution, so poses are judged up to
+    # that symmetry (measured: 67% within one grid step in all three, 27% against the truth)
+    assert summary.errors.n_symmetry == 24
+    assert summary.errors.modulo_symmetry.within_one_step.mean() >= 0.5
+    assert np.median(summary.errors.modulo_symmetry.direction_deg) < (
+        summary.errors.direction_step_deg
+    )  # measured 7.4°
     assert summary.dashboard_link and summary.dashboard_link.startswith("http")
     assert (tmp_path / "demo" / "summary.txt").read_text().count("\n") > 8
     names = sorted(p.name for p in (tmp_path / "demo" / "plots").glob("*.png"))
@@ -109,17 +119,24 @@ def _config(tmp_path: Path, reference_dir: Path, **overrides) -> Path:
     return path
 
 
-def test_run_config_chains_steps_and_resumes(reference_dir, tmp_path) -> None:
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("cryolike_dask")]
+
+
+def test_run_config_chains_steps_and_resumes(reference_dir, tmp_path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cryolike_dask")
     cfg = load_config(_config(tmp_path, reference_dir))
     assert cfg.output == tmp_path / "out"
-    messages: list[str] = []
-    outputs = run_config(cfg, progress=False, log=messages.append)
+    outputs = run_config(cfg, progress=False)
     ll = torch.load(outputs["matrices"] / "optimal_fourier_log_likelihood_matrix.pt").numpy()
     expected = np.load(reference_dir / "numpy" / "outputs.npz")["t0_log_likelihood_optimal_fourier"]
     np.testing.assert_allclose(ll[0], expected, rtol=1e-5)  # CryoLike's own numbers
     assert (outputs["plots"] / "cross_correlation_per_structure.png").is_file()
-    again: list[str] = []
-    run_config(cfg, progress=False, log=again.append)
+    caplog.clear()
+    run_config(cfg, progress=False)
+    again = _messages(caplog)
     assert any("templates" in m and "skipped" in m for m in again)
     assert any("particles" in m and "skipped" in m for m in again)
     assert any(m.startswith("likelihood: 0 blocks computed, 2 already done") for m in again)
@@ -135,7 +152,7 @@ def test_run_config_chains_steps_and_resumes(reference_dir, tmp_path) -> None:
         )
     )
     with pytest.raises(ConfigError, match="other settings"):
-        run_config(changed, progress=False, log=_quiet)
+        run_config(changed, progress=False)
 
 
 def test_config_errors_name_the_key(tmp_path, reference_dir) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -90,29 +93,140 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_has_gpu() -> bool:
-    from cryolike_dask.kernels.backend import has_gpu
-
-    return bool(has_gpu())
+#: Seconds to wait for the first worker of a cluster before planning.
+WORKER_TIMEOUT_S = 120.0
 
 
-def resolve_device(device: str, client: Any = None) -> str:
-    """``"auto"`` → ``"gpu"`` when CuPy sees a CUDA GPU where the kernels run, else ``"cpu"``.
+def visible_gpus() -> list[str]:
+    """The GPUs this machine offers, as ``CUDA_VISIBLE_DEVICES`` entries.
 
-    With a client the workers are asked (``client.run``), so a driver on a login node needs no
-    GPU; ``"gpu"`` on workers without one is an error. Other values are returned unchanged.
+    Counted without creating a CUDA context in this process: ``CUDA_VISIBLE_DEVICES`` when it
+    is set, else NVML (``pynvml``) when installed, else CuPy asked in a subprocess; ``[]``
+    when CuPy is not installed.
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        out = []
+        for d in (x.strip() for x in env.split(",")):
+            if not d or d.startswith("-"):
+                break  # CUDA ignores everything from the first invalid entry on
+            out.append(d)
+        return out
+    if importlib.util.find_spec("cupy") is None:
+        return []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [str(i) for i in range(int(pynvml.nvmlDeviceGetCount()))]
+    except Exception:  # not installed, or no NVML on this machine
+        pass
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import cupy; print(cupy.cuda.runtime.getDeviceCount())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return [str(i) for i in range(int(done.stdout.strip() or 0))]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker reported about itself (measured on the worker, see
+    :func:`describe_workers`).
+
+    Attributes
+    ----------
+    address : str
+    nthreads : int
+    memory_limit : int
+        Bytes (0 = no limit).
+    gpu : bool
+        CuPy sees a CUDA device there.
+    gpu_free, gpu_total : int
+        Bytes of the worker's first visible GPU.
+    device : str
+        Its ``CUDA_VISIBLE_DEVICES`` first entry (which physical GPU it uses).
+    """
+
+    address: str
+    nthreads: int
+    memory_limit: int
+    gpu: bool = False
+    gpu_free: int = 0
+    gpu_total: int = 0
+    device: str = ""
+
+
+def _describe_self(dask_worker: Any = None) -> dict[str, Any]:
+    """Runs on a worker: its threads, memory limit and GPU (this creates the worker's own
+    CUDA context, on the GPU it will use)."""
+    info: dict[str, Any] = {
+        "nthreads": int(dask_worker.state.nthreads) if dask_worker is not None else 1,
+        "memory_limit": int(getattr(dask_worker.memory_manager, "memory_limit", 0) or 0)
+        if dask_worker is not None
+        else 0,
+        "gpu": False,
+    }
+    if importlib.util.find_spec("cupy") is None:
+        return info
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            free, total = cupy.cuda.runtime.memGetInfo()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            info.update(gpu=True, gpu_free=int(free), gpu_total=int(total), device=visible)
+    except Exception:  # CuPy without a usable GPU
+        pass
+    return info
+
+
+def describe_workers(client: Any, timeout: float | None = None) -> list[WorkerInfo]:
+    """Ask every worker of ``client`` about itself, after waiting for the first one.
+
+    Raises :class:`ClusterError` when no worker joins within ``timeout`` seconds (default
+    :data:`WORKER_TIMEOUT_S`), e.g. a dask-jobqueue cluster whose jobs are still queued.
+    """
+    timeout = WORKER_TIMEOUT_S if timeout is None else timeout
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"no Dask worker joined the scheduler within {timeout:.0f} s (are the worker jobs "
+            "still queued? scale the cluster or wait, then rerun)"
+        ) from None
+    answers = client.run(_describe_self)
+    return [WorkerInfo(address=a, **v) for a, v in sorted(answers.items())]
+
+
+def resolve_device(device: str, client: Any = None, workers: list[WorkerInfo] | None = None) -> str:
+    """``"auto"`` → ``"gpu"`` when the kernels will run where CuPy sees a GPU, else ``"cpu"``.
+
+    With a client the workers are asked (:func:`describe_workers`): the driver, often a login
+    node, needs no GPU and creates no CUDA context. Without one (a local scheduler in this
+    process) this machine's GPUs are counted without a context (:func:`visible_gpus`).
+    ``"gpu"`` where there is none is an error; ``"cpu"`` is returned unchanged.
     """
     if device not in ("auto", "gpu"):
         return device
     if client is not None:
-        answers = client.run(_worker_has_gpu)
-        gpu = bool(answers) and all(answers.values())
+        workers = workers if workers is not None else describe_workers(client)
+        gpu = any(w.gpu for w in workers)
     else:
-        gpu = _worker_has_gpu()
+        gpu = bool(visible_gpus())
     if device == "gpu" and not gpu:
-        where = "the workers" if client is not None else "this process"
+        where = "any Dask worker" if client is not None else "this machine"
         raise ClusterError(f"device 'gpu' requested but CuPy sees no CUDA GPU on {where}")
     return "gpu" if gpu else "cpu"
+
+
+def gpu_workers(workers: list[WorkerInfo]) -> list[str]:
+    """Addresses of the workers with a GPU (where GPU work is sent)."""
+    return [w.address for w in workers if w.gpu]
 
 
 def local_cluster_size(
@@ -134,6 +248,60 @@ def local_cluster_size(
     if threads_per_worker is None:
         return n_workers, max(1, cores // n_workers)
     return n_workers or max(1, cores // threads_per_worker), threads_per_worker
+
+
+def gpu_cluster(options: ClusterOptions) -> Any:
+    """A local cluster of one single-threaded worker per visible GPU, each seeing its own GPU
+    first (``CUDA_VISIBLE_DEVICES`` rotated, as dask-cuda does).
+
+    dask-cuda's ``LocalCUDACluster`` when it is installed; otherwise a ``SpecCluster`` of
+    ``Nanny`` workers with their own ``CUDA_VISIBLE_DEVICES``. ``options.n_workers`` (≤ the
+    GPUs) uses the first GPUs only.
+    """
+    gpus = visible_gpus()
+    if not gpus:
+        raise ClusterError(
+            "device 'gpu': no GPU visible on this machine (CUDA_VISIBLE_DEVICES, NVML, CuPy)"
+        )
+    n = min(options.n_workers or len(gpus), len(gpus))
+    gpus = gpus[:n]
+    threads = options.threads_per_worker or 1
+    memory = options.memory_limit or int(machine_memory() * 0.9 / n)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None
+    if LocalCUDACluster is not None:
+        logger.info("no Dask client is active: starting dask-cuda's LocalCUDACluster on GPUs %s",
+                    ",".join(gpus))  # fmt: skip
+        return LocalCUDACluster(
+            CUDA_VISIBLE_DEVICES=",".join(gpus),
+            threads_per_worker=threads,
+            memory_limit=memory,
+            dashboard_address=":0" if options.dashboard else None,
+        )
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    logger.info(
+        "no Dask client is active: starting one worker per GPU (%s; dask-cuda not installed)",
+        ",".join(gpus),
+    )
+    workers = {}
+    for i in range(n):
+        order = gpus[i:] + gpus[:i]  # worker i sees GPU i first
+        workers[f"gpu-{gpus[i]}"] = {
+            "cls": Nanny,
+            "options": {
+                "nthreads": threads,
+                "memory_limit": memory,
+                "env": {"CUDA_VISIBLE_DEVICES": ",".join(order)},
+            },
+        }
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"dashboard": options.dashboard, "dashboard_address": ":0"},
+    }
+    return SpecCluster(scheduler=scheduler, workers=workers, name="cryolike-dask-gpu")
 
 
 def active_client() -> Any:
@@ -198,21 +366,24 @@ def get_client(
         logger.info("using the active Dask client (%s)", getattr(current, "dashboard_link", ""))
         yield current
         return
-    workers, threads = local_cluster_size(device, options.n_workers, options.threads_per_worker)
-    memory = options.memory_limit or int(machine_memory() * 0.9 / workers)
-    logger.info(
-        "no Dask client is active: starting a LocalCluster of %d worker(s) × %d thread(s)%s",
-        workers,
-        threads,
-        "" if options.processes else " in this process",
-    )
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        processes=options.processes,
-        memory_limit=memory,
-        dashboard_address=":0" if options.dashboard else None,
-    )
+    if device == "gpu":
+        cluster = gpu_cluster(options)
+    else:
+        workers, threads = local_cluster_size(device, options.n_workers, options.threads_per_worker)
+        memory = options.memory_limit or int(machine_memory() * 0.9 / workers)
+        logger.info(
+            "no Dask client is active: starting a LocalCluster of %d worker(s) × %d thread(s)%s",
+            workers,
+            threads,
+            "" if options.processes else " in this process",
+        )
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=options.processes,
+            memory_limit=memory,
+            dashboard_address=":0" if options.dashboard else None,
+        )
     opened = Client(cluster)
     try:
         yield opened
@@ -224,24 +395,21 @@ def get_client(
         cluster.close()
 
 
-def worker_memory(client: Any, options: ClusterOptions, device: str) -> int:
-    """Memory available to one worker thread, for block planning (bytes)."""
+def worker_memory(client: Any, device: str = "cpu", workers: list[WorkerInfo] | None = None) -> int:
+    """Memory for one kernel task (bytes): the smallest worker's memory limit per thread
+    and, on GPUs, its free GPU memory (both measured on the workers), times 0.8."""
     if client is None:
         return int(machine_memory() * 0.5)
-    info = (
-        client.scheduler_info(n_workers=-1)
-        if _accepts_n_workers(client)
-        else client.scheduler_info()
-    )
-    workers = list(info.get("workers", {}).values())
-    if not workers:
-        return int(machine_memory() * 0.5)
-    per = min(w.get("memory_limit") or machine_memory() for w in workers)
-    threads = max(w.get("nthreads", 1) for w in workers)
-    budget = per // max(threads, 1)
+    workers = workers if workers is not None else describe_workers(client)
     if device == "gpu":
-        budget = min(budget, gpu_free_memory())
-    return int(budget * 0.8)
+        workers = [w for w in workers if w.gpu] or workers
+    budgets = []
+    for w in workers:
+        per = (w.memory_limit or machine_memory()) // max(w.nthreads, 1)
+        if device == "gpu" and w.gpu:
+            per = min(per, w.gpu_free // max(w.nthreads, 1))
+        budgets.append(per)
+    return int(min(budgets) * 0.8) if budgets else int(machine_memory() * 0.5)
 
 
 def total_threads(client: Any) -> int:
@@ -260,11 +428,3 @@ def _accepts_n_workers(client: Any) -> bool:
     import inspect
 
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
-
-
-def gpu_free_memory() -> int:
-    """Free memory of the current GPU in bytes."""
-    import cupy
-
-    free, _ = cupy.cuda.runtime.memGetInfo()
-    return int(free)

@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 
 from cryolike_dask.io.zarr_stores import params_to_json
-from cryolike_dask.pipeline.cluster import resolve_device
+from cryolike_dask.pipeline.cluster import describe_workers, resolve_device
 from cryolike_dask.pipeline.driver import kernel_settings, plan_run
 from cryolike_dask.pipeline.graph import build_batch_graph
 from cryolike_dask.pipeline.spec import LikelihoodRun, RunConfigurationError, validate
@@ -39,8 +39,10 @@ def likelihood_dataset(run: LikelihoodRun, client: Any = None, memory_bytes: int
     import xarray as xr
 
     validate(dataclasses.replace(run, output=None))
-    run = dataclasses.replace(run, device=resolve_device(run.device, client), output=None)
-    plan, budget = plan_run(run, client, memory_bytes)
+    workers = describe_workers(client) if client is not None else None
+    device = resolve_device(run.device, client, workers)
+    run = dataclasses.replace(run, device=device, output=None)
+    plan, budget = plan_run(run, client, memory_bytes, workers)
     settings = kernel_settings(run, template_cache=max(budget // 2, plan.task_bytes))
     n_t = {k: run.templates.n_templates(k) for k in run.structures}
     per_structure = [q for q in run.request.quantities if q.scope != "image"]

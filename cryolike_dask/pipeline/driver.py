@@ -36,9 +36,11 @@ from cryolike_dask.pipeline import plan as planning
 from cryolike_dask.pipeline._progress import Progress
 from cryolike_dask.pipeline.cluster import (
     ClusterOptions,
+    WorkerInfo,
+    describe_workers,
     get_client,
+    gpu_workers,
     resolve_device,
-    total_threads,
     worker_memory,
 )
 from cryolike_dask.pipeline.executor import Executor, when_done
@@ -103,10 +105,21 @@ def kernel_settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
     )
 
 
-def plan_run(run: LikelihoodRun, client: Any, memory_bytes: int | None = None, **fixed):
-    """The block plan of ``run`` for the cluster of ``client`` (``fixed`` block sizes kept)."""
+def plan_run(
+    run: LikelihoodRun,
+    client: Any,
+    memory_bytes: int | None = None,
+    workers: list[WorkerInfo] | None = None,
+    **fixed: Any,
+):
+    """The block plan of ``run`` for the workers of ``client`` (``fixed`` block sizes kept);
+    returns ``(plan, memory budget per task)``. ``workers`` as :func:`describe_workers` gives
+    them (asked when omitted)."""
     grid = run.parameters.polar_grid
-    budget = memory_bytes or worker_memory(client, ClusterOptions(), run.device)
+    if client is not None and workers is None:
+        workers = describe_workers(client)
+    budget = memory_bytes or worker_memory(client, run.device, workers)
+    threads = sum(w.nthreads for w in workers) if workers else 1
     return planning.plan_blocks(
         run.images.n_images,
         max(run.templates.n_templates(k) for k in run.structures),
@@ -121,7 +134,7 @@ def plan_run(run: LikelihoodRun, client: Any, memory_bytes: int | None = None, *
         work_bytes=run.work_bytes,
         max_tasks=run.max_tasks,
         split_every=run.split_every,
-        min_tasks=2 * total_threads(client),
+        min_tasks=2 * threads,
     ), budget
 
 
@@ -313,13 +326,17 @@ def execute(
     """
     t_start = time.perf_counter()
     validate(run)
-    run = dataclasses.replace(run, device=resolve_device(run.device, client))
+    workers = describe_workers(client) if client is not None else None
+    run = dataclasses.replace(run, device=resolve_device(run.device, client, workers))
     report = RunReport()
     fp = fingerprint(run)
     state = check_output_folder(run, fp)
-    executor = Executor(client, scheduler, progress)
-    plan, budget = plan_run(run, client, memory_bytes)
-    logger.info(describe_cost(run, total_threads(client)))
+    # GPU work goes to the GPU workers only
+    restrict = gpu_workers(workers) if (workers and run.device == "gpu") else None
+    executor = Executor(client, scheduler, progress, workers=restrict)
+    plan, budget = plan_run(run, client, memory_bytes, workers)
+    threads = sum(w.nthreads for w in workers) if workers else 1
+    logger.info(describe_cost(run, threads))
     if run.validate_data:  # before anything is written
         validate_data(run, plan, executor)
     if state == "replace":
@@ -337,6 +354,7 @@ def execute(
             run,
             client,
             budget,
+            workers,
             templates_per_block=results.template_block,
             images_per_block=results.image_block,
         )

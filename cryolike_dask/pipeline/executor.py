@@ -51,12 +51,21 @@ class Executor:
         The local scheduler when ``client`` is ``None``.
     progress : bool
         Show a progress display per call.
+    workers : list of str, optional
+        Run only on these workers (e.g. those with a GPU).
     """
 
-    def __init__(self, client: Any = None, scheduler: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        client: Any = None,
+        scheduler: str | None = None,
+        progress: bool = True,
+        workers: list[str] | None = None,
+    ):
         self.client = client
         self.scheduler = scheduler or "threads"
         self.progress = progress
+        self.workers = workers
 
     def run(
         self,
@@ -111,7 +120,7 @@ class Executor:
     def _run_distributed(self, units, bar: Progress, on_done) -> None:
         from distributed import as_completed
 
-        futures = self.client.compute([c for c, _ in units])
+        futures = self.client.compute([c for c, _ in units], workers=self.workers)
         index = {f.key: i for i, f in enumerate(futures)}
         try:
             for future in as_completed(futures):
@@ -148,7 +157,7 @@ class Executor:
                 return
             from distributed import as_completed
 
-            futures = [self.client.submit(fn, *a, pure=False) for a in args]
+            futures = [self.client.submit(fn, *a, pure=False, workers=self.workers) for a in args]
             index = {f.key: i for i, f in enumerate(futures)}
             try:
                 for future in as_completed(futures):
