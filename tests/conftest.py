@@ -60,3 +60,19 @@ def rng() -> np.random.Generator:
 def data_dir() -> Path:
     """Real and model test files (tests/data/{real,models,star}; see their READMEs)."""
     return Path(__file__).parent / "data"
+
+
+def reference_likelihood_args(reference: Path, out: Path, *extra: str) -> list[str]:
+    """``likelihood`` command-line arguments for the reference case into ``out``."""
+    return [
+        "likelihood",
+        "--templates",
+        str(reference / "templates"),
+        "--particles",
+        str(reference / "particles"),
+        "--params",
+        str(reference / "templates" / "parameters.npz"),
+        "--output",
+        str(out),
+        *extra,
+    ]

@@ -179,3 +179,34 @@ def test_every_output_quantity_has_one_row_and_unique_files() -> None:
         integrated=True, optimal_likelihood=True, per_template=True, full=True
     )
     assert {q.name for q in request.quantities} == set(names)
+
+
+def test_run_config_uses_one_cluster_for_all_steps(
+    user_client, reference_dir, tmp_path, caplog, monkeypatch
+) -> None:
+    import distributed
+    import yaml
+
+    started = []
+    monkeypatch.setattr(
+        distributed.LocalCluster, "__init__", lambda self, *a, **k: started.append(k)
+    )
+    config = {
+        "output": "out",
+        "parameters": {"file": str(reference_dir / "templates" / "parameters.npz")},
+        "templates": {"inputs": [str(reference_dir / "inputs_pdb" / "1uao.pdb")]},
+        "particles": {
+            "mrcs": [str(reference_dir / "raw" / "particles.mrcs")],
+            "star": [str(reference_dir / "raw" / "particles.star")],
+            "batch_size": 12,
+        },
+        "likelihood": {"n_displacements_x": 3, "n_displacements_y": 3},
+        "plots": False,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO, logger="cryolike_dask"):
+        outputs = cd.run_config(cd.load_config(path), progress=False)
+    assert not started  # templates, particles and the likelihood all ran on the user's client
+    assert caplog.text.count("using the active Dask client") == 1
+    assert (outputs["likelihood"] / "results.zarr").is_dir()

@@ -14,28 +14,12 @@ import torch
 
 from cryolike_dask.cli import main
 from cryolike_dask.io.stitch import StitchError, stitch
+from tests.conftest import reference_likelihood_args
 
 
 def _likelihood(ref: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "likelihood",
-            "--templates",
-            str(ref / "templates"),
-            "--particles",
-            str(ref / "particles"),
-            "--params",
-            str(ref / "templates" / "parameters.npz"),
-            "--output",
-            str(out),
-            "--n-stacks",
-            "2",
-            "--scheduler",
-            "sync",
-            "--no-progress",
-            *extra,
-        ]
-    )
+    sync = ("--scheduler", "sync", "--no-progress")
+    return main(reference_likelihood_args(ref, out, "--n-stacks", "2", *sync, *extra))
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -133,29 +117,13 @@ def test_prefix_of_the_stacks_is_the_same_run(finished, reference_dir, tmp_path)
     shutil.copytree(finished, out)
     cc = torch.load(out / "template0/cross_correlation/cross_correlation_stack_000001.pt")
     code = main(
-        [
-            "likelihood",
-            "--templates",
-            str(reference_dir / "templates"),
-            "--particles",
-            str(reference_dir / "particles"),
-            "--params",
-            str(reference_dir / "templates" / "parameters.npz"),
-            "--output",
-            str(out),
-            "--n-stacks",
-            "1",
-            "--max-displacement-pixels",
-            "1.5",
-            "--n-displacements-x",
-            "3",
-            "--n-displacements-y",
-            "3",
-            "--full-cross-correlation",
-            "--scheduler",
-            "sync",
-            "--no-progress",
-        ]
+        reference_likelihood_args(
+            reference_dir,
+            out,
+            *("--n-stacks", "1", "--max-displacement-pixels", "1.5"),
+            *("--n-displacements-x", "3", "--n-displacements-y", "3"),
+            *("--full-cross-correlation", "--scheduler", "sync", "--no-progress"),
+        )
     )
     assert code == 0
     full = out / "template0/cross_correlation/cross_correlation_pose_msdw_stack_000000.pt"

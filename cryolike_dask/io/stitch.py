@@ -119,7 +119,7 @@ def stitch(
         ]
     built: dict[str, np.ndarray] = {}
     for name, q in MATRICES.items():
-        if not wanted[_SELECTOR[q.name]]:
+        if not wanted.get(_SELECTOR.get(q.name, ""), True):
             continue
         rows, counts = [], None
         for n, folder in folders:

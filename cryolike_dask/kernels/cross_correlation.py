@@ -90,12 +90,20 @@ class KernelMemory:
         Per (image, template) reduced outputs (per-template best, pose, log-sum).
     per_pair_full : int
         Per (image, template) for the full ``[D, W]`` cross-correlation tensor.
+    fixed : int
+        Per task regardless of sizes (on a GPU: the CUDA context and library handles).
+    work_factor : float
+        Peak temporaries per byte of the kernel's work budget (on a GPU 2: CuPy makes
+        contiguous copies of sliced GEMM operands and of the transposed inverse-FFT input,
+        and cuFFT/cuBLAS take work areas of about the same size).
     """
 
     per_template: int
     per_image: int
     per_pair: int
     per_pair_full: int
+    fixed: int = 0
+    work_factor: float = 1.0
 
     def task_bytes(
         self, images: int, templates: int, *, full: bool = False, work_bytes: int = 0
@@ -104,23 +112,43 @@ class KernelMemory:
         pair = self.per_pair + (self.per_pair_full if full else 0)
         return int(
             templates * self.per_template + images * self.per_image
-            + images * templates * pair + work_bytes
+            + images * templates * pair + work_bytes * self.work_factor + self.fixed
         )  # fmt: skip
 
 
+#: CUDA context, cuBLAS/cuFFT handles and plans of one GPU worker (bytes, measured order).
+CUDA_CONTEXT_BYTES = 512 * 2**20
+
+
 def kernel_memory(
-    n_shells: int, n_inplanes: int, n_displacements: int, precision: str = "single"
+    n_shells: int,
+    n_inplanes: int,
+    n_displacements: int,
+    precision: str = "single",
+    device: str = "cpu",
 ) -> KernelMemory:
-    """The :class:`KernelMemory` of blocks on this polar grid and displacement grid."""
+    """The :class:`KernelMemory` of blocks on this polar grid and displacement grid.
+
+    On a GPU everything of a task lives in device memory at once: two cached image blocks
+    (the worker keeps the last two), the float64 CTF and its square while an image block is
+    prepared, the library work areas and the CUDA context are counted too.
+    """
     c = Precision.parse(precision).resolve().complex_dtype.itemsize
     r = c // 2
     q = n_orders(n_inplanes)
     p = n_shells * n_inplanes
+    per_image = int(p * c * 2.5 + 2 * q * n_shells * c)
+    fixed, factor = 0, 1.0
+    if device == "gpu":
+        per_image = 2 * per_image + 2 * p * 8
+        fixed, factor = CUDA_CONTEXT_BYTES, 2.0
     return KernelMemory(
         per_template=(n_displacements * n_shells * q + n_shells * q + p) * c,
-        per_image=int(p * c * 2.5 + 2 * q * n_shells * c),
+        per_image=per_image,
         per_pair=4 * r,
         per_pair_full=n_displacements * n_inplanes * r,
+        fixed=fixed,
+        work_factor=factor,
     )
 
 
@@ -399,6 +427,10 @@ class BlockResult:
 GEMM_IMAGES = 128
 
 
+#: Largest transform (elements) a step may take: cuFFT's limit.
+MAX_FFT_ELEMENTS = 2**31 - 1
+
+
 def batch_sizes(
     templates: PreparedTemplates, n_images: int, outputs: BlockOutputs, work_bytes: int
 ) -> tuple[int, int]:
@@ -415,6 +447,8 @@ def batch_sizes(
     )
     m = max(1, min(n_images, GEMM_IMAGES, work_bytes // max(per_pair, 1)))
     s = max(1, min(templates.n_templates, work_bytes // max(per_pair * m, 1)))
+    # cuFFT plans at most 2**31 - 1 elements per transform
+    s = max(1, min(s, MAX_FFT_ELEMENTS // max(m * n_d * n_w, 1)))
     return int(m), int(s)
 
 

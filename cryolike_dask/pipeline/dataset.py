@@ -18,7 +18,7 @@ import numpy as np
 
 from cryolike_dask.io.zarr_stores import params_to_json
 from cryolike_dask.pipeline.cluster import describe_workers, resolve_device
-from cryolike_dask.pipeline.driver import kernel_settings, plan_run
+from cryolike_dask.pipeline.driver import _cache_and_pool, kernel_settings, plan_run
 from cryolike_dask.pipeline.graph import build_batch_graph
 from cryolike_dask.pipeline.spec import LikelihoodRun, RunConfigurationError, validate
 
@@ -43,7 +43,7 @@ def likelihood_dataset(run: LikelihoodRun, client: Any = None, memory_bytes: int
     device = resolve_device(run.device, client, workers)
     run = dataclasses.replace(run, device=device, output=None)
     plan, budget = plan_run(run, client, memory_bytes, workers)
-    settings = kernel_settings(run, template_cache=max(budget // 2, plan.task_bytes))
+    settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
     n_t = {k: run.templates.n_templates(k) for k in run.structures}
     per_structure = [q for q in run.request.quantities if q.scope != "image"]
     if per_structure and len(set(n_t.values())) > 1:

@@ -90,8 +90,11 @@ class RunReport:
         return self.pose_evaluations / self.compute_seconds if self.compute_seconds else 0.0
 
 
-def kernel_settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
-    """The settings every kernel task of ``run`` carries."""
+def kernel_settings(
+    run: LikelihoodRun, template_cache: int, device_pool: int | None = None
+) -> KernelSettings:
+    """The settings every kernel task of ``run`` carries (``device_pool``: CuPy's pool limit
+    on each GPU worker)."""
     request = run.request
     disp = run.displacements
     return KernelSettings(
@@ -102,7 +105,18 @@ def kernel_settings(run: LikelihoodRun, template_cache: int) -> KernelSettings:
         outputs=BlockOutputs(full=request.full, integrated_likelihood=request.integrated),
         work_bytes=run.work_bytes,
         template_cache_bytes=template_cache,
+        device_pool_bytes=device_pool,
     )
+
+
+def _cache_and_pool(
+    run: LikelihoodRun, plan: planning.BlockPlan, budget: int
+) -> tuple[int, int | None]:
+    """Bytes of prepared template blocks a worker caches, and CuPy's pool limit. On a GPU the
+    cache lives in the pool beside the running task, so it keeps about one block."""
+    if run.device == "gpu":
+        return budget // 4, budget
+    return max(budget // 2, plan.task_bytes), None
 
 
 def plan_run(
@@ -135,6 +149,7 @@ def plan_run(
         max_tasks=run.max_tasks,
         split_every=run.split_every,
         min_tasks=2 * threads,
+        device=run.device,
     ), budget
 
 
@@ -364,7 +379,7 @@ def execute(
     layout = OutputLayout(Path(run.output))
     if run.export_pt:
         write_displacements(layout, run.displacements.as_array())
-    settings = kernel_settings(run, template_cache=max(budget // 2, plan.task_bytes))
+    settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
     bits = run.request.bits
     image_ranges = plan.image_ranges()
     graphs = 0

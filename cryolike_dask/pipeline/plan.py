@@ -18,10 +18,11 @@ from cryolike_dask.kernels.cross_correlation import KernelMemory, kernel_memory
 MAX_TASKS_PER_GRAPH = 10_000
 
 
-def _model(n_shells: int, n_inplanes: int, n_displacements: int, complex_bytes: int):
-    return kernel_memory(
-        n_shells, n_inplanes, n_displacements, "double" if complex_bytes == 16 else "single"
-    )
+def _model(
+    n_shells: int, n_inplanes: int, n_displacements: int, complex_bytes: int, device: str = "cpu"
+):
+    precision = "double" if complex_bytes == 16 else "single"
+    return kernel_memory(n_shells, n_inplanes, n_displacements, precision, device)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def plan_blocks(
     max_tasks: int = MAX_TASKS_PER_GRAPH,
     split_every: int = 8,
     min_tasks: int = 1,
+    device: str = "cpu",
 ) -> BlockPlan:
     """Choose block sizes that fit ``memory_bytes`` per task (worker memory / threads).
 
@@ -115,12 +117,14 @@ def plan_blocks(
     template block takes at most 40 % of the budget (all templates if they fit) and the image
     block at most 25 %, capped at 4096 images; sizes are then evened out so that blocks have
     nearly equal sizes. ``min_tasks`` (e.g. twice the cluster's threads) makes image blocks
-    smaller, down to 16 images, until there are that many kernel tasks.
+    smaller, down to 16 images, until there are that many kernel tasks. ``device`` selects
+    the kernel's memory model (``"gpu"`` counts what lives in device memory).
     """
     if n_images < 1 or n_templates < 1:
         raise ParameterError(f"nothing to do: {n_images} images, {n_templates} templates")
-    usable = max(memory_bytes - work_bytes, memory_bytes // 4)
-    model: KernelMemory = _model(n_shells, n_inplanes, n_displacements, complex_bytes)
+    model: KernelMemory = _model(n_shells, n_inplanes, n_displacements, complex_bytes, device)
+    fixed = int(model.fixed + work_bytes * model.work_factor)
+    usable = max(memory_bytes - fixed, memory_bytes // 4)
     if templates_per_block is None:
         tb = max(1, min(n_templates, int(0.4 * usable // model.per_template)))
         tb = -(-n_templates // -(-n_templates // tb))  # even out

@@ -7,6 +7,7 @@ of prepared template and image blocks, and calls :mod:`cryolike_dask.kernels`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -34,6 +35,8 @@ from cryolike_dask.kernels.reduction import LOG_SUM, POSE, SCORE, pack_partial
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.precision import Precision
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class KernelSettings:
@@ -57,6 +60,8 @@ class KernelSettings:
         Per-worker budget for prepared template blocks.
     fft_workers : int or None
         Threads for SciPy's FFT (CPU).
+    device_pool_bytes : int or None
+        Limit of CuPy's memory pool on each GPU worker (the planned budget).
     """
 
     parameters: ImageParameters
@@ -67,6 +72,7 @@ class KernelSettings:
     work_bytes: int = 256 * 2**20
     template_cache_bytes: int = 2 * 2**30
     fft_workers: int | None = None
+    device_pool_bytes: int | None = None
 
     @property
     def n_displacements(self) -> int:
@@ -87,8 +93,25 @@ class KernelSettings:
         if self.device == "gpu":
             import cupy
 
+            _limit_pool(cupy, self.device_pool_bytes)
             return cupy
         return np
+
+
+_POOL_LIMIT: dict[str, int | None] = {}
+#: Times a kernel call is retried with half the work budget after a GPU out-of-memory error.
+OOM_RETRIES = 3
+
+
+def _limit_pool(cupy: ModuleType, limit: int | None) -> None:
+    """Limit CuPy's default memory pool of this worker to ``limit`` bytes (once per value)."""
+    if limit and _POOL_LIMIT.get("bytes") != limit:
+        cupy.get_default_memory_pool().set_limit(size=int(limit))
+        _POOL_LIMIT["bytes"] = limit
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
 
 
 @dataclass(frozen=True)
@@ -279,15 +302,33 @@ def correlate_task(
     log_prior = None
     if settings.outputs.integrated_likelihood:
         log_prior = templates.viewing_angles(structure).log_normalized_weights[t0:t1]
-    result = correlate_block(
-        pt,
-        pi,
-        settings.outputs,
-        likelihood=settings.likelihood,
-        log_prior=log_prior,
-        workers=settings.fft_workers,
-        work_bytes=settings.work_bytes,
-    )
+    work = settings.work_bytes
+    for attempt in range(OOM_RETRIES + 1):
+        try:
+            result = correlate_block(
+                pt,
+                pi,
+                settings.outputs,
+                likelihood=settings.likelihood,
+                log_prior=log_prior,
+                workers=settings.fft_workers,
+                work_bytes=work,
+            )
+            break
+        except Exception as exc:
+            if settings.device != "gpu" or not _is_out_of_memory(exc) or attempt == OOM_RETRIES:
+                raise
+            settings.xp().get_default_memory_pool().free_all_blocks()
+            work //= 2
+            logger.warning(
+                "GPU out of memory in templates %d-%d × images %d-%d; retrying with a work "
+                "budget of %d MiB",
+                t0,
+                t1,
+                block.start,
+                block.stop,
+                work // 2**20,
+            )
     return BlockResult(*(None if v is None else to_host(v) for v in result.__dict__.values()))
 
 

@@ -10,6 +10,7 @@ import time
 
 from cryolike_dask.pipeline import _progress
 from cryolike_dask.pipeline._progress import Progress
+from tests.conftest import reference_likelihood_args
 
 
 def test_plain_lines_when_not_a_terminal(caplog, monkeypatch) -> None:
@@ -44,27 +45,13 @@ def test_ctrl_c_ends_with_one_line(reference_dir, tmp_path) -> None:
         sys.executable,
         "-m",
         "cryolike_dask",
-        "likelihood",
-        "--templates",
-        str(reference_dir / "templates"),
-        "--particles",
-        str(reference_dir / "particles"),
-        "--params",
-        str(reference_dir / "templates" / "parameters.npz"),
-        "--output",
-        str(tmp_path / "out"),
-        "--n-displacements-x",
-        "20",
-        "--n-displacements-y",
-        "20",
-        "--images-per-block",
-        "2",
-        "--full-cross-correlation",
-        "--n-workers",
-        "1",
-        "--threads-per-worker",
-        "1",
-        "--no-dashboard",
+        *reference_likelihood_args(
+            reference_dir,
+            tmp_path / "out",
+            *("--n-displacements-x", "20", "--n-displacements-y", "20"),
+            *("--images-per-block", "2", "--full-cross-correlation", "--n-workers", "1"),
+            *("--threads-per-worker", "1", "--no-dashboard"),
+        ),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
