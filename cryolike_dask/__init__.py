@@ -25,67 +25,87 @@ The CryoLike drop-in lives in :mod:`cryolike_dask.run_likelihood`.
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
 __version__ = "0.2.0"
 
 logging.getLogger("cryolike_dask").addHandler(logging.NullHandler())
 
-from cryolike_dask._api import (  # noqa: E402
-    likelihood,
-    open_images,
-    open_templates,
-    write_likelihood,
-)
-from cryolike_dask.config import ConfigError, load_config, run_config  # noqa: E402
-from cryolike_dask.demo import MODELS as EXAMPLE_MODELS  # noqa: E402
-from cryolike_dask.demo import SimulatedParticles, run_demo, simulate_particles  # noqa: E402
-from cryolike_dask.demo import model_path as example_model_path  # noqa: E402
-from cryolike_dask.errors import (  # noqa: E402
-    CryoLikeDaskError,
-    OutputExistsError,
-    ParameterError,
-    StructureIndexError,
-)
-from cryolike_dask.grids import (  # noqa: E402
-    CartesianGrid2D,
-    DisplacementGrid,
-    PolarGrid,
-    ViewingAngles,
-)
-from cryolike_dask.io.cryolike import CryoLikeFolderError  # noqa: E402
-from cryolike_dask.io.models import ModelFileError  # noqa: E402
-from cryolike_dask.io.mrc import MrcFileError  # noqa: E402
-from cryolike_dask.io.outputs import OUTPUTS, Quantity  # noqa: E402
-from cryolike_dask.io.particle_metadata import MetadataError  # noqa: E402
-from cryolike_dask.io.stitch import StitchError, stitch  # noqa: E402
-from cryolike_dask.io.torch_files import TorchFileError  # noqa: E402
-from cryolike_dask.io.zarr_stores import StoreError  # noqa: E402
-from cryolike_dask.kernels import NonFiniteCrossCorrelationError  # noqa: E402
-from cryolike_dask.params import ImageParameters, LensParameters  # noqa: E402
-from cryolike_dask.params.npz import ParameterFileError  # noqa: E402
-from cryolike_dask.pipeline.cluster import ClusterError, ClusterOptions  # noqa: E402
-from cryolike_dask.pipeline.convert_particles import (  # noqa: E402
-    ConversionError,
-    ParticleSet,
-    convert_particles,
-    gather,
-    gather_cryosparc_job,
-    gather_cs,
-    gather_indexed_star,
-    gather_paired,
-)
-from cryolike_dask.pipeline.driver import OutputFolderInUseError, RunReport  # noqa: E402
-from cryolike_dask.pipeline.make_templates import TemplateInputError, make_templates  # noqa: E402
-from cryolike_dask.pipeline.spec import (  # noqa: E402
-    InputDataError,
-    LikelihoodOptions,
-    LikelihoodRun,
-    OutputRequest,
-    RunConfigurationError,
-)
-from cryolike_dask.plots import plot_output_folder  # noqa: E402
-from cryolike_dask.precision import Precision  # noqa: E402
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "CartesianGrid2D": ("cryolike_dask.grids", "CartesianGrid2D"),
+    "ClusterError": ("cryolike_dask.pipeline.cluster", "ClusterError"),
+    "ClusterOptions": ("cryolike_dask.pipeline.cluster", "ClusterOptions"),
+    "ConfigError": ("cryolike_dask.config", "ConfigError"),
+    "ConversionError": ("cryolike_dask.pipeline.convert_particles", "ConversionError"),
+    "CryoLikeDaskError": ("cryolike_dask.errors", "CryoLikeDaskError"),
+    "CryoLikeFolderError": ("cryolike_dask.io.cryolike", "CryoLikeFolderError"),
+    "DisplacementGrid": ("cryolike_dask.grids", "DisplacementGrid"),
+    "EXAMPLE_MODELS": ("cryolike_dask.demo", "MODELS"),
+    "ImageParameters": ("cryolike_dask.params", "ImageParameters"),
+    "InputDataError": ("cryolike_dask.pipeline.spec", "InputDataError"),
+    "LensParameters": ("cryolike_dask.params", "LensParameters"),
+    "LikelihoodOptions": ("cryolike_dask.pipeline.spec", "LikelihoodOptions"),
+    "LikelihoodRun": ("cryolike_dask.pipeline.spec", "LikelihoodRun"),
+    "MetadataError": ("cryolike_dask.io.particle_metadata", "MetadataError"),
+    "ModelFileError": ("cryolike_dask.io.models", "ModelFileError"),
+    "MrcFileError": ("cryolike_dask.io.mrc", "MrcFileError"),
+    "NonFiniteCrossCorrelationError": ("cryolike_dask.kernels", "NonFiniteCrossCorrelationError"),
+    "OUTPUTS": ("cryolike_dask.io.outputs", "OUTPUTS"),
+    "OutputExistsError": ("cryolike_dask.errors", "OutputExistsError"),
+    "OutputFolderInUseError": ("cryolike_dask.pipeline.driver", "OutputFolderInUseError"),
+    "OutputRequest": ("cryolike_dask.pipeline.spec", "OutputRequest"),
+    "ParameterError": ("cryolike_dask.errors", "ParameterError"),
+    "ParameterFileError": ("cryolike_dask.params.npz", "ParameterFileError"),
+    "ParticleSet": ("cryolike_dask.pipeline.convert_particles", "ParticleSet"),
+    "PolarGrid": ("cryolike_dask.grids", "PolarGrid"),
+    "Precision": ("cryolike_dask.precision", "Precision"),
+    "Quantity": ("cryolike_dask.io.outputs", "Quantity"),
+    "RunConfigurationError": ("cryolike_dask.pipeline.spec", "RunConfigurationError"),
+    "RunReport": ("cryolike_dask.pipeline.driver", "RunReport"),
+    "SimulatedParticles": ("cryolike_dask.demo", "SimulatedParticles"),
+    "StitchError": ("cryolike_dask.io.stitch", "StitchError"),
+    "StoreError": ("cryolike_dask.io.zarr_stores", "StoreError"),
+    "StructureIndexError": ("cryolike_dask.errors", "StructureIndexError"),
+    "TemplateInputError": ("cryolike_dask.pipeline.make_templates", "TemplateInputError"),
+    "TorchFileError": ("cryolike_dask.io.torch_files", "TorchFileError"),
+    "ViewingAngles": ("cryolike_dask.grids", "ViewingAngles"),
+    "convert_particles": ("cryolike_dask.pipeline.convert_particles", "convert_particles"),
+    "example_model_path": ("cryolike_dask.demo", "model_path"),
+    "gather": ("cryolike_dask.pipeline.convert_particles", "gather"),
+    "gather_cryosparc_job": ("cryolike_dask.pipeline.convert_particles", "gather_cryosparc_job"),
+    "gather_cs": ("cryolike_dask.pipeline.convert_particles", "gather_cs"),
+    "gather_indexed_star": ("cryolike_dask.pipeline.convert_particles", "gather_indexed_star"),
+    "gather_paired": ("cryolike_dask.pipeline.convert_particles", "gather_paired"),
+    "likelihood": ("cryolike_dask._api", "likelihood"),
+    "load_config": ("cryolike_dask.config", "load_config"),
+    "make_templates": ("cryolike_dask.pipeline.make_templates", "make_templates"),
+    "open_images": ("cryolike_dask._api", "open_images"),
+    "open_templates": ("cryolike_dask._api", "open_templates"),
+    "plot_output_folder": ("cryolike_dask.plots", "plot_output_folder"),
+    "run_config": ("cryolike_dask.config", "run_config"),
+    "run_demo": ("cryolike_dask.demo", "run_demo"),
+    "simulate_particles": ("cryolike_dask.demo", "simulate_particles"),
+    "stitch": ("cryolike_dask.io.stitch", "stitch"),
+    "write_likelihood": ("cryolike_dask._api", "write_likelihood"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The flat API is imported on first use (``import cryolike_dask.kernels`` stays light)."""
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'cryolike_dask' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "EXAMPLE_MODELS",

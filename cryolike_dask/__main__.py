@@ -1,8 +1,6 @@
-"""``python -m cryolike_dask`` runs the command line."""
+"""``python -m cryolike_dask``: the ``cryolike-dask`` command line."""
 
-import sys
-
-from cryolike_dask.cli import main
+from cryolike_dask.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -763,14 +764,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     formatwarning, warnings.formatwarning = warnings.formatwarning, one_line
     _configure_logging()
+    from cryolike_dask.pipeline.cluster import catch_interrupts
+
+    if threading.current_thread() is threading.main_thread():
+        catch_interrupts()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         print(f"cryolike-dask {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        import signal
+
         from cryolike_dask.pipeline.cluster import _quiet_shutdown
 
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _quiet_shutdown()
         hint = " (rerun with --skip-exist to resume)" if args.command == "likelihood" else ""
         print(f"cryolike-dask {args.command}: interrupted{hint}", file=sys.stderr)
@@ -779,5 +787,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = formatwarning
 
 
+def run() -> None:
+    """Console entry point: :func:`main`, then exit with its status.
+
+    After Ctrl-C the process ends at once once the cluster is closed (``os._exit``), so that
+    no late interrupt in interpreter shutdown turns the one-line message into a traceback.
+    """
+    import os
+
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dask
 import nbformat
 import numpy as np
 import pytest
@@ -250,76 +249,6 @@ def test_hpc_notebook_prints_the_job_scripts() -> None:
     text = _text(_execute(ROOT / "notebooks" / "hpc.ipynb", ROOT / "notebooks"))
     assert "#SBATCH --gres=gpu:1" in text and "--resources GPU=1" in text
     assert "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB" in text
-
-
-@pytest.fixture
-def jobqueue_profiles():
-    profiles = yaml.safe_load((ROOT / "deploy" / "dask" / "jobqueue.yaml").read_text())
-    with dask.config.set(profiles):
-        yield
-
-
-@pytest.mark.parametrize(
-    ("kind", "profile", "expected"),
-    [
-        (
-            "slurm",
-            "slurm",
-            [
-                "#SBATCH -n 1",
-                "#SBATCH --cpus-per-task=32",
-                "#SBATCH --mem=120G",
-                "#SBATCH -t 08:00:00",
-                "--nworkers 32",
-                "--nthreads 1",
-            ],
-        ),
-        (
-            "slurm",
-            "slurm-gpu",
-            [
-                "#SBATCH --cpus-per-task=8",
-                "#SBATCH --mem=64GB",
-                "#SBATCH -p gpu",
-                "#SBATCH --gres=gpu:1",
-                "--nthreads 1",
-                "--resources GPU=1",
-            ],
-        ),
-        ("pbs", "pbs", ["#PBS -q workq", "#PBS -l select=1:ncpus=32:mem=128GB", "--nworkers 32"]),
-        (
-            "pbs",
-            "pbs-gpu",
-            [
-                "#PBS -q gpu",
-                "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB",
-                "--nthreads 1",
-                "--resources GPU=1",
-            ],
-        ),
-    ],
-)
-def test_jobqueue_profiles_render(jobqueue_profiles, kind, profile, expected) -> None:
-    from dask_jobqueue import PBSCluster, SLURMCluster
-
-    cls = SLURMCluster if kind == "slurm" else PBSCluster
-    cluster = cls(config_name=profile, scheduler_options={"dashboard_address": None})
-    try:
-        script = cluster.job_script()
-    finally:
-        cluster.close()
-    for line in expected:
-        assert line in script, (line, script)
-    assert "source ~/cryolike-dask/.venv/bin/activate" in script
-
-
-@pytest.mark.parametrize("script", ["slurm/batch.sbatch", "pbs/batch.pbs"])
-def test_batch_scripts(script: str) -> None:
-    path = ROOT / "deploy" / script
-    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    text = path.read_text()
-    assert "--scheduler-file" in text and "cryolike-dask run" in text
-    assert ("#SBATCH --gres=gpu:" in text) or ("#PBS -l select=" in text)
 
 
 def test_cli_demo_help_and_package_data() -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -301,7 +302,12 @@ def gpu_cluster(options: ClusterOptions) -> Any:
         "cls": Scheduler,
         "options": {"dashboard": options.dashboard, "dashboard_address": ":0"},
     }
-    return SpecCluster(scheduler=scheduler, workers=workers, name="cryolike-dask-gpu")
+    return SpecCluster(
+        scheduler=scheduler,
+        workers=workers,
+        name="cryolike-dask-gpu",
+        silence_logs=logging.WARNING,  # as LocalCluster
+    )
 
 
 def active_client() -> Any:
@@ -314,6 +320,38 @@ def active_client() -> Any:
         return default_client()
     except ValueError:
         return None
+
+
+_INTERRUPTED = threading.Event()
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C was pressed (see :func:`catch_interrupts`)."""
+    return _INTERRUPTED.is_set()
+
+
+def catch_interrupts() -> None:
+    """Make Ctrl-C end the run once and cleanly: the first SIGINT raises KeyboardInterrupt in
+    the main thread and sets a flag the executor polls (an interrupt that lands in a callback
+    that swallows it still ends the run); further SIGINTs while it shuts down are ignored."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        if _INTERRUPTED.is_set():
+            return
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    default_hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        # the interrupt landed in a callback that cannot raise (e.g. distributed's gc
+        # diagnostics): the flag still ends the run, so say nothing
+        if not (_INTERRUPTED.is_set() and issubclass(info.exc_type, KeyboardInterrupt)):
+            default_hook(info)
+
+    sys.unraisablehook = unraisable
 
 
 def _quiet_shutdown() -> None:

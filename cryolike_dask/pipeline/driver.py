@@ -346,8 +346,9 @@ def execute(
     report = RunReport()
     fp = fingerprint(run)
     state = check_output_folder(run, fp)
-    # GPU work goes to the GPU workers only
-    restrict = gpu_workers(workers) if (workers and run.device == "gpu") else None
+    # on a cluster that mixes GPU and CPU workers, GPU work goes to the GPU workers only
+    gpus = gpu_workers(workers) if (workers and run.device == "gpu") else []
+    restrict = gpus if gpus and len(gpus) < len(workers) else None
     executor = Executor(client, scheduler, progress, workers=restrict)
     plan, budget = plan_run(run, client, memory_bytes, workers)
     threads = sum(w.nthreads for w in workers) if workers else 1

@@ -7,6 +7,7 @@ finish, and conversion can store stacks as they come).
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ import dask
 import dask.array as da
 
 from cryolike_dask.pipeline._progress import Progress
+from cryolike_dask.pipeline.cluster import interrupted
 
 
 def _nothing(*args: Any) -> None:
@@ -118,18 +120,35 @@ class Executor:
                 on_done(i)
 
     def _run_distributed(self, units, bar: Progress, on_done) -> None:
-        from distributed import as_completed
-
         futures = self.client.compute([c for c, _ in units], workers=self.workers)
         index = {f.key: i for i, f in enumerate(futures)}
+
+        def finished(future: Any) -> None:
+            future.result()  # raises the task's error
+            i = index[future.key]
+            bar.update(units[i][1])
+            if on_done is not None:
+                on_done(i)
+            future.release()
+
+        self._drain(futures, finished)
+
+    def _drain(self, futures: list, finished: Callable[[Any], None]) -> None:
+        """Hand each future to ``finished`` as it completes; cancel the rest on any error or
+        on an interruption (checked at least twice a second)."""
+        pending = list(futures)
         try:
-            for future in as_completed(futures):
-                future.result()  # raises the task's error
-                i = index[future.key]
-                bar.update(units[i][1])
-                if on_done is not None:
-                    on_done(i)
-                future.release()
+            while pending:
+                if interrupted():
+                    raise KeyboardInterrupt
+                done = [f for f in pending if f.done()]
+                if not done:
+                    time.sleep(0.05)
+                    continue
+                finished_ids = {id(f) for f in done}
+                pending = [f for f in pending if id(f) not in finished_ids]
+                for future in done:
+                    finished(future)
         except BaseException:
             self.client.cancel(futures)
             raise
@@ -155,17 +174,14 @@ class Executor:
                     if on_result is not None:
                         on_result(i, result)
                 return
-            from distributed import as_completed
-
             futures = [self.client.submit(fn, *a, pure=False, workers=self.workers) for a in args]
             index = {f.key: i for i, f in enumerate(futures)}
-            try:
-                for future in as_completed(futures):
-                    result = future.result()
-                    bar.update(1)
-                    if on_result is not None:
-                        on_result(index[future.key], result)
-                    future.release()
-            except BaseException:
-                self.client.cancel(futures)
-                raise
+
+            def finished(future: Any) -> None:
+                result = future.result()
+                bar.update(1)
+                if on_result is not None:
+                    on_result(index[future.key], result)
+                future.release()
+
+            self._drain(futures, finished)

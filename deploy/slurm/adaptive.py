@@ -1,10 +1,17 @@
-"""An adaptive cluster from a login node or a JupyterHub session (SLURM, GPU workers).
+"""A GPU cluster of SLURM jobs from a login node or a JupyterHub session (dask-jobqueue).
 
-    python deploy/slurm/adaptive.py run_config.yaml
+    python deploy/slurm/adaptive.py run_config.yaml [JOBS]
 
-Jobs are submitted as work appears and released when idle (between 0 and 8 GPU jobs here).
-Needs deploy/dask/jobqueue.yaml copied to ~/.config/dask/ (profile "slurm-gpu").
+Needs deploy/dask/jobqueue.yaml copied to ~/.config/dask/ (profile "slurm-gpu": one job per
+GPU, one single-threaded worker each). The scheduler runs in this process and needs no GPU.
+
+``adapt()`` keeps JOBS GPU jobs (default 8) for as long as the run lasts: every worker
+retires gracefully at its ``--lifetime``, before the job's walltime, and a new job is
+submitted in its place. The driver sends GPU work to the workers it finds when it starts,
+so the run starts once they have joined (or after ``WAIT_S`` with those that have).
 """
+
+from __future__ import annotations
 
 import sys
 
@@ -13,19 +20,24 @@ from distributed import Client
 
 from cryolike_dask.config import load_config, run_config
 
+JOBS = 8  # EDIT: how many GPUs
+WAIT_S = 900.0  # how long to wait for the last jobs once the first one runs
 
-def main(config_path: str) -> None:
-    cluster = SLURMCluster(config_name="slurm-gpu")
-    print(cluster.job_script())
-    cluster.adapt(minimum_jobs=0, maximum_jobs=8)  # EDIT: how many GPUs at most
-    client = Client(cluster)
-    print("dashboard:", client.dashboard_link)
-    cfg = load_config(config_path)
-    cfg.cluster.scheduler_address = cluster.scheduler_address
-    run_config(cfg)
-    client.close()
-    cluster.close()
+
+def main(config_path: str, jobs: int = JOBS) -> None:
+    cfg = load_config(config_path)  # a bad config fails here, before any job is submitted
+    with SLURMCluster(config_name="slurm-gpu") as cluster, Client(cluster) as client:
+        print(cluster.job_script())
+        cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
+        print("dashboard:", client.dashboard_link)
+        client.wait_for_workers(1)  # as long as the queue takes
+        try:
+            client.wait_for_workers(jobs, timeout=WAIT_S)
+        except TimeoutError:
+            print(f"starting with {len(client.nthreads())} of {jobs} GPU workers")
+        cfg.cluster.scheduler_address = cluster.scheduler_address
+        run_config(cfg)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:3]))
