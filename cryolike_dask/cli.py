@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import threading
 import warnings
@@ -12,6 +13,9 @@ from pathlib import Path
 
 from cryolike_dask import __version__
 from cryolike_dask.errors import CryoLikeDaskError
+
+#: More viewing directions than this need ``make-params --yes`` (the default grid has 2370).
+MAX_DIRECTIONS = 100_000
 
 #: Errors that mean "bad input, option or environment": one line, exit status 2, no
 #: traceback. Anything else is a bug and shows as one.
@@ -24,23 +28,52 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _memory(text: str) -> str:
+    """An argparse type: a memory size with units (e.g. 4GB, 512MiB)."""
+    from dask.utils import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected a size with units such as 4GB or 512MiB, not {text!r}"
+        ) from None
+    if value < 64 * 2**20:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {value} bytes, too little for a worker; give units, e.g. 4GB"
+        )
+    return text
+
+
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument(
         "--n-workers",
-        type=int,
+        type=_positive_int,
         metavar="W",
         help="LocalCluster worker processes (default: 1 on CPUs, one per GPU)",
     )
     g.add_argument(
         "--threads-per-worker",
-        type=int,
+        type=_positive_int,
         metavar="T",
         help="threads per worker (default: one per core on CPUs, 1 on GPUs)",
     )
     g.add_argument(
         "--memory-limit",
-        metavar="BYTES",
+        type=_memory,
+        metavar="SIZE",
         help="LocalCluster memory per worker, e.g. 4GB (default: machine / workers)",
     )
     g.add_argument(
@@ -117,7 +150,10 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
         "--all-templates", action="store_true", help="every structure of the template list"
     )
     p.add_argument(
-        "--n-stacks", type=int, metavar="K", help="process particle stacks 0..K-1 (default: all)"
+        "--n-stacks",
+        type=_positive_int,
+        metavar="K",
+        help="process particle stacks 0..K-1 (default: all)",
     )
     d = p.add_argument_group("displacement search (CryoLike's configure_displacement)")
     d.add_argument(
@@ -180,19 +216,19 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument(
         "--templates-per-block",
-        type=int,
+        type=_positive_int,
         metavar="T",
         help="templates per Dask task (default: planned from worker memory)",
     )
     r.add_argument(
         "--images-per-block",
-        type=int,
+        type=_positive_int,
         metavar="I",
         help="images per Dask task (default: planned from worker memory)",
     )
     r.add_argument(
         "--max-tasks-per-graph",
-        type=int,
+        type=_positive_int,
         default=10_000,
         metavar="K",
         help="kernel tasks per submitted Dask graph; larger runs go in batches (default 10000)",
@@ -281,7 +317,9 @@ def _import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", type=Path, metavar="DIR", help="CryoLike template folder")
     p.add_argument("--particles", type=Path, metavar="DIR", help="CryoLike particle folder")
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--n-stacks", type=int, metavar="K", help="import stacks 0..K-1 (default all)")
+    p.add_argument(
+        "--n-stacks", type=_positive_int, metavar="K", help="import stacks 0..K-1 (default all)"
+    )
     p.add_argument(
         "--images-per-chunk",
         type=int,
@@ -384,6 +422,11 @@ def _params_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--atom-shape", choices=["gaussian", "hard-sphere"], default="gaussian")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help=f"accept more than {MAX_DIRECTIONS:,} viewing directions",
+    )
     p.set_defaults(func=_cmd_params)
 
 
@@ -402,6 +445,14 @@ def _cmd_params(args: argparse.Namespace) -> int:
         use_protein_residue_model=not args.no_residue_model,
         atom_shape=args.atom_shape,
     )
+    # CryoLike's sphere grid holds about 4π / vd² directions; refuse a mistyped distance
+    estimate = 4 * math.pi / params.viewing_distance**2
+    if estimate > MAX_DIRECTIONS and not args.yes:
+        raise CryoLikeDaskError(
+            f"--viewing-distance {params.viewing_distance:g} gives ~{estimate:.3g} viewing "
+            f"directions (templates per structure; the default gives 2370); pass --yes if "
+            "you mean it"
+        )
     path = params.save(args.output, overwrite=args.overwrite)
     grid = params.polar_grid
     angles = params.viewing_angles
@@ -444,7 +495,7 @@ def _templates_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--templates-per-block",
-        type=int,
+        type=_positive_int,
         metavar="T",
         help="viewing directions per Dask task (default: from a 256 MiB budget)",
     )
@@ -517,7 +568,7 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_positive_int,
         default=1024,
         metavar="N",
         help="images per output stack (default 1024)",
@@ -699,9 +750,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ main
+class _Parser(argparse.ArgumentParser):
+    """Bad options are one line (and exit status 2), not the whole usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cryolike-dask`` argument parser with all its commands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cryolike-dask",
         description="Cryo-EM image-to-structure likelihoods (CryoLike's math) on Dask.",
     )

@@ -440,6 +440,7 @@ def bigger(tmp_path_factory):
     ts.add_structure(
         "random", random_hermitian_stack(rng, angles.n_angles, g.n_shells, g.n_inplanes), angles
     )
+    ts.mark_complete()
     m = 480
     store = ImageStore.create(
         root / "images.zarr",
@@ -452,6 +453,7 @@ def bigger(tmp_path_factory):
         rng.uniform(8e3, 2e4, m), rng.uniform(8e3, 2e4, m), rng.uniform(0, 3, m), np.zeros(m)
     )
     store.write(0, random_hermitian_stack(rng, m, g.n_shells, g.n_inplanes), lens)
+    store.mark_complete()
     args = [
         "likelihood",
         "--templates",

@@ -189,3 +189,46 @@ def test_drop_in_script_without_main_guard(reference_dir, tmp_path) -> None:
             rtol=0,
             atol=1e-6,
         )
+
+
+def test_two_runs_into_one_folder_at_once(reference_dir, tmp_path) -> None:
+    """Exactly one of two runs started together on one folder runs; the other is refused."""
+    out = tmp_path / "out"
+    args = reference_likelihood_args(
+        reference_dir,
+        out,
+        *("--n-stacks", "2", "--max-displacement-pixels", "1.5"),
+        *("--n-displacements-x", "15", "--n-displacements-y", "15", "--integrated-likelihood"),
+        *("--n-workers", "1", "--threads-per-worker", "1", "--no-dashboard", "--no-progress"),
+    )
+    cmd = [sys.executable, "-m", "cryolike_dask", *args]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "another run is writing into this folder (pid" in refused
+    assert len(refused.strip().splitlines()) == 1 and "Traceback" not in refused
+    single = tmp_path / "single"
+    assert (
+        main([*reference_likelihood_args(reference_dir, single, *args[9:]), "--scheduler", "sync"])
+        == 0
+    )
+    import xarray as xr
+
+    a = xr.open_zarr(out / "results.zarr").compute()
+    b = xr.open_zarr(single / "results.zarr").compute()
+    np.testing.assert_array_equal(a.optimal_template, b.optimal_template)
+    np.testing.assert_allclose(a.cross_correlation, b.cross_correlation, rtol=0, atol=1e-6)
+    assert not (out / ".cryolike_dask.lock.json").exists()  # released
+
+
+def test_a_dead_runs_lock_does_not_block(reference_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".cryolike_dask.lock").write_text("")
+    (out / ".cryolike_dask.lock.json").write_text('{"pid": 999999, "host": "x", "started": "t"}')
+    assert _likelihood(reference_dir, out) == 0  # the OS released the dead holder's lock

@@ -35,6 +35,7 @@ def import_cryolike_templates(
             source=source.files[k],
             chunk_templates=chunk_templates,
         )
+    store.mark_complete()
     return store.path
 
 
@@ -69,6 +70,7 @@ def import_cryolike_particles(
     for info in source.stacks:
         images, lens = source.read(info.start, info.stop)
         store.write(info.start, images, _lens_from_arrays(lens, source.convention))
+    store.mark_complete()
     return store.path
 
 

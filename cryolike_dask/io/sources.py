@@ -68,6 +68,11 @@ class ImageSource:
         """
         raise NotImplementedError
 
+    def check_headers(self) -> None:
+        """Check what the files' headers tell (shapes, dtypes, counts) without reading the
+        data: in the driver, before any worker starts. Raises a :class:`CryoLikeDaskError`
+        naming the file and what was expected."""
+
     def image_ids(self) -> ImageIds:
         """Identifiers of every image (``STACK:ROW`` unless the source names its files)."""
         n = self.n_images
@@ -151,6 +156,23 @@ class CryoLikeParticles(ImageSource):
     @property
     def convention(self) -> str:
         return self.astigmatism_convention or "cryolike"
+
+    def check_headers(self) -> None:
+        from cryolike_dask.io.torch_files import tensor_header
+
+        grid = self.parameters.polar_grid
+        for info in self.stacks:
+            shape, dtype = tensor_header(info.source)
+            if len(shape) != 3 or tuple(shape[1:]) != grid.shape or dtype.kind != "c":
+                raise cl.CryoLikeFolderError(
+                    f"{info.source}: images have shape {tuple(shape)} and dtype {dtype}; "
+                    f"expected complex [n, {grid.n_shells}, {grid.n_inplanes}] for the polar "
+                    "grid of the parameters"
+                )
+            if shape[0] != info.n_images:
+                raise cl.CryoLikeFolderError(
+                    f"{info.source}: holds {shape[0]} images, its .npz says {info.n_images}"
+                )
 
     def image_ids(self) -> ImageIds:
         """``NNNNNN@FILE`` where the stack's ``.npz`` records ``files``/``idxs`` (stacks of
@@ -277,6 +299,10 @@ class TemplateSource:
     def fingerprint(self, structure: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def check_headers(self, structures: tuple[int, ...] | None = None) -> None:
+        """Check the structures' headers (shapes, dtypes, counts) without reading the data;
+        raises a :class:`CryoLikeDaskError` naming the file and what was expected."""
+
     def check_structure(self, structure: int) -> None:
         if not 0 <= structure < self.n_structures:
             raise StructureIndexError(
@@ -306,6 +332,27 @@ class CryoLikeTemplates(TemplateSource):
             tuple(str(p) for p in paths),
             tuple(tuple(_file_id(p)) for p in paths),
         )
+
+    def check_headers(self, structures: tuple[int, ...] | None = None) -> None:
+        from cryolike_dask.io.torch_files import tensor_header
+
+        grid = self.parameters.polar_grid
+        n_angles = self.parameters.viewing_angles.n_angles
+        for k in range(self.n_structures) if structures is None else structures:
+            self.check_structure(k)
+            path = self.files[k]
+            shape, dtype = tensor_header(path)
+            if len(shape) != 3 or tuple(shape[1:]) != grid.shape or dtype.kind != "c":
+                raise cl.CryoLikeFolderError(
+                    f"{path}: template stack has shape {tuple(shape)} and dtype {dtype}; "
+                    f"expected complex [S, {grid.n_shells}, {grid.n_inplanes}] for the polar "
+                    "grid of the parameters"
+                )
+            if shape[0] != n_angles:
+                raise cl.CryoLikeFolderError(
+                    f"{path}: {shape[0]} templates but the parameters' viewing distance "
+                    f"{self.parameters.viewing_distance:.6g} gives {n_angles} viewing directions"
+                )
 
     def _all(self, structure: int) -> np.ndarray:
         self.check_structure(structure)
@@ -413,6 +460,8 @@ def open_particles(
     if (p / "zarr.json").is_file():
         return ZarrImages.open(p, parameters, n_stacks)
     if (p / "fft").is_dir():
+        if (p / "particles.zarr" / "zarr.json").is_file():
+            ImageStore.open(p / "particles.zarr")  # refuses a conversion that did not finish
         n = cl.count_stacks(p) if n_stacks is None else n_stacks
         return CryoLikeParticles.open(p, n, parameters, astigmatism_convention)
     raise cl.CryoLikeFolderError(

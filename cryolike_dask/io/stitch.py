@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,22 +142,36 @@ def stitch(
         built[name] = np.stack(rows)
     out = Path(output) if output is not None else root / "likelihood_matrix"
     out.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(out / "matrices.zarr", mode="w")
+    # everything is written under temporary names, then renamed: a failure leaves the
+    # earlier matrices as they were
+    tmp = f".tmp-{os.getpid()}"
+    zpath = out / f".matrices.zarr{tmp}"
+    group = zarr.open_group(zpath, mode="w")
     group.attrs["structures"] = names
     coord = group.create_array(
         "structure", shape=(len(names),), dtype=str, dimension_names=("structure",)
     )
     coord[:] = np.array(names, dtype=str)
-    written = {}
+    staged = []
     for name, matrix in built.items():
-        save_tensor(matrix, out / f"{name}.pt")
-        np.save(out / f"{name}.npy", matrix)
+        pt, npy = out / f".{name}.pt{tmp}", out / f".{name}.npy{tmp}"
+        save_tensor(matrix, pt)
+        with open(npy, "wb") as f:
+            np.save(f, matrix)
+        staged += [(pt, out / f"{name}.pt"), (npy, out / f"{name}.npy")]
         arr = group.create_array(
             name, shape=matrix.shape, dtype=matrix.dtype, dimension_names=("structure", "image")
         )
         arr[:] = matrix
-        written[name] = out / f"{name}.pt"
     from cryolike_dask.io.zarr_stores import consolidate
 
-    consolidate(out / "matrices.zarr")
+    consolidate(zpath)
+    if (out / "matrices.zarr").exists():
+        shutil.rmtree(out / "matrices.zarr")
+    os.replace(zpath, out / "matrices.zarr")
+    written = {}
+    for src, dst in staged:
+        os.replace(src, dst)
+        if dst.suffix == ".pt":
+            written[dst.stem] = dst
     return written

@@ -103,7 +103,8 @@ def open_group(path: str | os.PathLike, kind: str, mode: str = "r") -> zarr.Grou
         group = zarr.open_group(p, mode=mode)
     except Exception as exc:
         raise StoreError(f"{p}: not a readable Zarr group ({exc})") from exc
-    header = dict(group.attrs).get("cryolike_dask")
+    attrs = dict(group.attrs)
+    header = attrs.get("cryolike_dask")
     if not isinstance(header, dict) or header.get("kind") != kind:
         raise StoreError(
             f"{p}: not a cryolike_dask {kind} store (attrs['cryolike_dask'] = {header})"
@@ -113,7 +114,18 @@ def open_group(path: str | os.PathLike, kind: str, mode: str = "r") -> zarr.Grou
             f"{p}: schema version {header.get('schema_version')}, this version reads "
             f"{SCHEMA_VERSIONS[kind]}"
         )
+    if attrs.get("complete") is False:
+        step = {"images": "convert-particles or import-cryolike", "templates": "make-templates"}
+        raise StoreError(
+            f"{p}: incomplete (the run that made it did not finish); make it again with "
+            f"{step.get(kind, 'the command that made it')} --overwrite"
+        )
     return group
+
+
+def mark_complete(group: zarr.Group) -> None:
+    """Record that a store's data are all written (readers refuse a store without it)."""
+    group.attrs["complete"] = True
 
 
 def _new_group(path: Path, overwrite: bool) -> zarr.Group:
@@ -192,6 +204,7 @@ class ImageStore:
                 "image_parameters": params_to_json(params),
                 "stacks": [s.__dict__ for s in (stacks or [])],
                 "astigmatism_convention": astigmatism_convention,
+                "complete": False,
             }
         )
         return cls(p, group)
@@ -205,6 +218,10 @@ class ImageStore:
     @property
     def n_images(self) -> int:
         return int(self.images.shape[0])
+
+    def mark_complete(self) -> None:
+        """Record that every image is written; readers refuse the store until then."""
+        mark_complete(self.group)
 
     @property
     def chunk_images(self) -> int:
@@ -289,6 +306,7 @@ class TemplateStore:
                 "cryolike_dask": _header("templates"),
                 "image_parameters": params_to_json(params),
                 "structures": [],
+                "complete": False,
             }
         )
         return cls(p, group)
@@ -301,6 +319,10 @@ class TemplateStore:
     @property
     def n_structures(self) -> int:
         return len(self.names)
+
+    def mark_complete(self) -> None:
+        """Record that every structure is written; readers refuse the store until then."""
+        mark_complete(self.group)
 
     def add_structure(
         self,
@@ -485,9 +507,20 @@ class ResultsStore:
         overwrite: bool = False,
     ) -> ResultsStore:
         """Create a results store with its coordinates and nothing done (no arrays yet:
-        :meth:`require` adds those of the requested quantities)."""
-        p = Path(path)
-        group = _new_group(p, overwrite)
+        :meth:`require` adds those of the requested quantities).
+
+        The store is built under a temporary name beside ``path`` and renamed once its
+        metadata are complete, so a run killed meanwhile leaves no half-made store.
+        """
+        final = Path(path)
+        if final.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{final}: exists; pass overwrite=True to replace it")
+            shutil.rmtree(final)
+        p = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+        group = _new_group(p, overwrite=True)
         n_s = len(structures)
         _write_coord(group, "structure", np.array(structures, dtype=str), "structure")
         _write_coord(group, "image", np.arange(n_images, dtype=np.int64), "image")
@@ -519,7 +552,8 @@ class ResultsStore:
             }
         )
         consolidate(p)
-        return cls(p, zarr.open_group(p, mode="r+"))
+        os.replace(p, final)
+        return cls(final, zarr.open_group(final, mode="r+"))
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r+") -> ResultsStore:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,6 +477,8 @@ def convert_particles(
         clash = [p for p in (store_path, *stack_paths(out, 0)) if p.exists()]
         if clash:
             raise OutputExistsError(f"{clash[0]}: exists; pass --overwrite to replace it")
+    else:  # replace means replace: no stack of the old conversion stays behind
+        _remove_old_outputs(out, store_path)
     (out / "fft").mkdir(parents=True, exist_ok=True)
     stacks = [
         StackInfo(f"particles_fourier_stack_{i:06d}", a, b, str(stack_paths(out, i)[0]))
@@ -516,13 +519,27 @@ def convert_particles(
         for i in range(len(particles.stacks))
     ]
     cluster = cluster or ClusterOptions()
-    with get_client(cluster, client=client) as c:
-        if c is not None and getattr(c, "dashboard_link", None):
-            logger.info("Dask dashboard: %s", c.dashboard_link)
-        Executor(c, cluster.scheduler, progress).map(
-            convert_stack, args, "converting", unit="stack", on_result=store_stack
-        )
+    try:
+        with get_client(cluster, client=client) as c:
+            if c is not None and getattr(c, "dashboard_link", None):
+                logger.info("Dask dashboard: %s", c.dashboard_link)
+            Executor(c, cluster.scheduler, progress).map(
+                convert_stack, args, "converting", unit="stack", on_result=store_stack
+            )
+    except BaseException:
+        _remove_old_outputs(out, store_path)  # nothing half-made stays behind
+        raise
+    store.mark_complete()  # last: readers refuse the store (and its fft/ folder) until here
     return store_path
+
+
+def _remove_old_outputs(out: Path, store_path: Path) -> None:
+    """Remove a conversion's ``particles.zarr`` and ``fft/particles_fourier_stack_*`` files."""
+    if store_path.exists():
+        shutil.rmtree(store_path)
+    for f in (out / "fft").glob("particles_fourier_stack_*"):
+        if f.suffix in (".pt", ".npz"):
+            f.unlink()
 
 
 def _write(

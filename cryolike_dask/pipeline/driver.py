@@ -30,6 +30,7 @@ import numpy as np
 
 from cryolike_dask.io.cryolike import OutputLayout
 from cryolike_dask.io.exports import export_stack, verify_stack, write_displacements
+from cryolike_dask.io.locks import output_lock
 from cryolike_dask.io.zarr_stores import ResultsStore, StoreError
 from cryolike_dask.kernels import BlockOutputs
 from cryolike_dask.pipeline import plan as planning
@@ -187,6 +188,55 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+# ------------------------------------------------------------------------------ size guard
+def output_bytes(run: LikelihoodRun) -> int:
+    """Bytes the run writes (``results.zarr`` and, when exported, the ``.pt`` copies)."""
+    m = run.images.n_images
+    r = Precision.parse(run.precision).resolve().real_dtype.itemsize
+    total = 0
+    for q in run.request.quantities:
+        size = 8 if q.kind == "int" else r
+        if q.scope == "image":
+            total += len(run.templates.names) * m * size
+            continue
+        for k in run.structures:
+            n = m * run.templates.n_templates(k) * size
+            if q.scope == "full":
+                n *= run.displacements.n_displacements * run.parameters.n_inplanes
+            total += n
+    return total * (2 if run.export_pt else 1)
+
+
+def check_sizes(run: LikelihoodRun, plan: planning.BlockPlan, budget: int, state: str) -> None:
+    """Refuse, with the numbers, a run whose single task cannot fit a worker or whose outputs
+    cannot fit the disk (before anything is written)."""
+    if plan.task_bytes > budget / 0.8:  # the budget keeps a 20 % margin
+        raise RunConfigurationError(
+            f"one kernel task of {plan.image_block} image(s) × {plan.template_block} "
+            f"template(s) needs ~{plan.task_bytes / 2**30:.2f} GiB but a worker thread has "
+            f"~{budget / 0.8 / 2**30:.2f} GiB: use fewer displacements "
+            f"({run.displacements.n_displacements} now), or workers with more memory"
+        )
+    need = output_bytes(run)
+    out = Path(run.output)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if state == "replace":
+        free += sum(_size(p) for p in OutputLayout(out).run_outputs())
+    if need > free:
+        raise RunConfigurationError(
+            f"{out}: the outputs need ~{need / 2**30:.2f} GiB but {probe} has "
+            f"{free / 2**30:.2f} GiB free (drop --full-cross-correlation or --per-template, "
+            "or --no-pt, or choose another disk)"
+        )
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 # ------------------------------------------------------------------------------ output folder
 def check_output_folder(run: LikelihoodRun, fp: dict) -> str:
     """What to do with the output folder: ``"new"``, ``"same"`` (results of this run) or
@@ -338,9 +388,22 @@ def execute(
     """Run the likelihood on ``client`` (or a local ``scheduler`` when ``None``).
 
     ``stop_after_batches`` ends the run early after that many graphs (for tests of resuming).
+    The output folder is locked for the whole run (:func:`~cryolike_dask.io.locks.output_lock`).
     """
-    t_start = time.perf_counter()
     validate(run)
+    with output_lock(run.output):
+        return _execute(run, client, scheduler, memory_bytes, progress, stop_after_batches)
+
+
+def _execute(
+    run: LikelihoodRun,
+    client: Any,
+    scheduler: str | None,
+    memory_bytes: int | None,
+    progress: bool,
+    stop_after_batches: int | None,
+) -> RunReport:
+    t_start = time.perf_counter()
     workers = describe_workers(client) if client is not None else None
     run = dataclasses.replace(run, device=resolve_device(run.device, client, workers))
     report = RunReport()
@@ -353,6 +416,7 @@ def execute(
     plan, budget = plan_run(run, client, memory_bytes, workers)
     threads = sum(w.nthreads for w in workers) if workers else 1
     logger.info(describe_cost(run, threads))
+    check_sizes(run, plan, budget, state)  # before anything is read or written
     if run.validate_data:  # before anything is written
         validate_data(run, plan, executor)
     if state == "replace":
@@ -489,12 +553,13 @@ def run_likelihood(
     :func:`~cryolike_dask.pipeline.cluster.get_client`)."""
     validate(run)
     cluster = cluster or ClusterOptions()
-    check_output_folder(run, fingerprint(run))  # before a cluster starts
-    hint = run.device if run.device != "auto" else resolve_device("auto")
-    with get_client(cluster, hint, client) as c:
-        link = getattr(c, "dashboard_link", None) if c is not None else None
-        if link:
-            logger.info("Dask dashboard: %s", link)
-        report = execute(run, c, scheduler=cluster.scheduler, progress=progress)
-        report.dashboard_link = link
+    with output_lock(run.output):  # one writer per folder, before a cluster starts
+        check_output_folder(run, fingerprint(run))
+        hint = run.device if run.device != "auto" else resolve_device("auto")
+        with get_client(cluster, hint, client) as c:
+            link = getattr(c, "dashboard_link", None) if c is not None else None
+            if link:
+                logger.info("Dask dashboard: %s", link)
+            report = execute(run, c, scheduler=cluster.scheduler, progress=progress)
+            report.dashboard_link = link
     return report

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -190,7 +191,10 @@ def _block_task(
     atom_shape: str | None,
 ) -> np.ndarray:
     start, stop = ranges[int(idx[0])]
-    return template_block(source, params, start, stop, atom_shape)
+    try:
+        return template_block(source, params, start, stop, atom_shape)
+    except CryoLikeDaskError as exc:  # name the input (a zero-density map, ...)
+        raise TemplateInputError(f"{source.path}: {exc}") from None
 
 
 def make_templates(
@@ -236,6 +240,8 @@ def make_templates(
         if existing:
             raise OutputExistsError(f"{existing[0]}: exists; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # replace means replace: no template file of the old set stays listed
+        _remove_old_outputs(out, store_path, listing)
     angles: ViewingAngles = params.viewing_angles
     n = angles.n_angles
     grid = params.polar_grid
@@ -279,13 +285,32 @@ def make_templates(
         for arr, target in zip(arrays, targets, strict=True)
     ]
     cluster = cluster or ClusterOptions()
-    with get_client(cluster, client=client) as c:
-        if c is not None and getattr(c, "dashboard_link", None):
-            logger.info("Dask dashboard: %s", c.dashboard_link)
-        Executor(c, cluster.scheduler, progress).run(stored, "templates", unit="block")
-    if not export_pt:
-        return [store_path]
-    for k, path in enumerate(pt_paths):
-        save_tensor(np.asarray(store.templates(k)[:]), path)
-    np.save(listing, np.array([str(p.resolve()) for p in pt_paths]))
-    return pt_paths
+    try:
+        with get_client(cluster, client=client) as c:
+            if c is not None and getattr(c, "dashboard_link", None):
+                logger.info("Dask dashboard: %s", c.dashboard_link)
+            Executor(c, cluster.scheduler, progress).run(stored, "templates", unit="block")
+    except BaseException:
+        shutil.rmtree(store_path, ignore_errors=True)  # nothing half-made stays behind
+        raise
+    if export_pt:
+        for k, path in enumerate(pt_paths):
+            save_tensor(np.asarray(store.templates(k)[:]), path)
+        np.save(listing, np.array([str(p.resolve()) for p in pt_paths]))
+    store.mark_complete()  # last: readers refuse the store until here
+    return pt_paths if export_pt else [store_path]
+
+
+def _remove_old_outputs(out: Path, store_path: Path, listing: Path) -> None:
+    """Remove a previous ``make-templates`` run's store, listing and listed ``.pt`` files."""
+    if listing.is_file():
+        try:
+            old = [Path(str(p)) for p in np.atleast_1d(np.load(listing, allow_pickle=False))]
+        except (OSError, ValueError):
+            old = []
+        for p in old:
+            if p.parent.resolve() == out.resolve() and p.name.startswith("templates_fourier_"):
+                p.unlink(missing_ok=True)
+        listing.unlink()
+    if store_path.exists():
+        shutil.rmtree(store_path)

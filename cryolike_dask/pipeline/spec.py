@@ -239,6 +239,8 @@ def validate(run: LikelihoodRun) -> None:
         raise RunConfigurationError("templates and images use different grids: " + "; ".join(diffs))
     if run.images.n_images < 1:
         raise RunConfigurationError("no images to process")
+    run.templates.check_headers(run.structures)
+    run.images.check_headers()
     check_device(run.device)
     Precision.parse(run.precision)
     if run.skip_exist and run.overwrite:
@@ -347,6 +349,13 @@ class LikelihoodOptions(BaseModel):
             if self.structures == "all"
             else tuple(int(k) for k in self.structures)
         )
+        half = min(params.n_pixels) / 2
+        searching = self.n_displacements_x > 1 or self.n_displacements_y > 1
+        if searching and self.max_displacement_pixels > half:
+            raise RunConfigurationError(
+                f"max_displacement_pixels = {self.max_displacement_pixels:g} reaches beyond the "
+                f"image: half the box is {half:g} pixels (images of {params.n_pixels[0]} px)"
+            )
         run = LikelihoodRun(
             templates=templates,
             images=particles,

@@ -38,6 +38,57 @@ from cryolike_dask.precision import Precision
 logger = logging.getLogger(__name__)
 
 
+def _user_error_names() -> set[str]:
+    from cryolike_dask.errors import CryoLikeDaskError
+
+    names, todo = set(), [CryoLikeDaskError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+class _QuietUserErrors(logging.Filter):
+    """Drop a worker's "Compute Failed" log of an expected, user-facing error (bad input):
+    the driver reports it as one clean line. Any other failure is logged as usual."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a record we cannot format is none of ours
+            return True
+        if not msg.startswith("Compute Failed"):
+            return True
+        return not any(
+            f'Exception: "{n}(' in msg or f"Exception: '{n}(" in msg for n in _user_error_names()
+        )
+
+
+class _QuietCancellations(logging.Filter):
+    """Drop a worker's warning about a task cancelled because the run stopped (Ctrl-C, an
+    error elsewhere): the driver says why the run stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return "ended with CancelledError" not in record.getMessage()
+        except Exception:
+            return True
+
+
+def _install_filter() -> None:
+    for name, cls in (
+        ("distributed.worker", _QuietUserErrors),
+        ("distributed.worker.state_machine", _QuietCancellations),
+    ):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, cls) for f in log.filters):
+            log.addFilter(cls())
+
+
+_install_filter()  # runs in every worker process that unpickles a task of this module
+
+
 @dataclass(frozen=True)
 class KernelSettings:
     """Everything a kernel task needs besides its data (small, hashable, pickled into tasks).

@@ -33,6 +33,7 @@ def _make_images(path: Path, params: ImageParameters, n: int) -> None:
             rng.uniform(8e3, 2e4, m), rng.uniform(8e3, 2e4, m), rng.uniform(0, 3, m), np.zeros(m)
         )
         store.write(a, random_hermitian_stack(rng, m, grid.n_shells, grid.n_inplanes), lens)
+    store.mark_complete()
 
 
 def _peak(images: Path, templates: Path, out: Path) -> float:
@@ -66,6 +67,7 @@ def test_peak_memory_is_flat_in_the_number_of_images(tmp_path) -> None:
         random_hermitian_stack(rng, angles.n_angles, grid.n_shells, grid.n_inplanes),
         angles,
     )
+    tstore.mark_complete()
     peaks = {}
     for n in (2000, 8000):
         _make_images(tmp_path / f"images_{n}.zarr", params, n)
