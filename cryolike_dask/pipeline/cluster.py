@@ -279,7 +279,7 @@ def gpu_cluster(options: ClusterOptions) -> Any:
             CUDA_VISIBLE_DEVICES=",".join(gpus),
             threads_per_worker=threads,
             memory_limit=memory,
-            dashboard_address=":0" if options.dashboard else None,
+            dashboard_address=":0",  # a free port: never "port 8787 in use"
         )
     from distributed import Nanny, Scheduler, SpecCluster
 
@@ -420,7 +420,7 @@ def get_client(
             threads_per_worker=threads,
             processes=options.processes,
             memory_limit=memory,
-            dashboard_address=":0" if options.dashboard else None,
+            dashboard_address=":0",  # a free port: never "port 8787 in use"
         )
     opened = Client(cluster)
     try:

@@ -558,6 +558,7 @@ def run_likelihood(
         hint = run.device if run.device != "auto" else resolve_device("auto")
         with get_client(cluster, hint, client) as c:
             link = getattr(c, "dashboard_link", None) if c is not None else None
+            link = link if cluster.dashboard else None
             if link:
                 logger.info("Dask dashboard: %s", link)
             report = execute(run, c, scheduler=cluster.scheduler, progress=progress)
