@@ -372,8 +372,18 @@ def _stack_blocks(plan: planning.BlockPlan, start: int, stop: int) -> list[int]:
     return list(range(start // plan.image_block, -(-stop // plan.image_block)))
 
 
-def _all_done(results: ResultsStore, structure: int, start: int, stop: int, bits: int) -> bool:
-    return bool(np.all((results.done_images(structure, start, stop) & bits) == bits))
+def _done(done_row: np.ndarray, start: int, stop: int, bits: int) -> bool:
+    return bool(np.all((done_row[start:stop] & bits) == bits))
+
+
+def _stacks_touching(run: LikelihoodRun, start: int, stop: int) -> range:
+    """Indices of the stacks with images in ``[start, stop)`` (stacks are ordered)."""
+    import bisect
+
+    starts = [s.start for s in run.images.stacks]
+    first = max(0, bisect.bisect_right(starts, start) - 1)
+    last = bisect.bisect_left(starts, stop)
+    return range(first, min(last, len(starts)))
 
 
 def execute(
@@ -455,9 +465,9 @@ def _execute(
         ]
         if not run.skip_exist:
             results.clear_done(k, 0, run.images.n_images, bits)
-        pending = [
-            b for b, (a, e) in enumerate(image_ranges) if not _all_done(results, k, a, e, bits)
-        ]
+        # the done bits of this structure, kept in memory: the driver is their only writer
+        done_row = results.done_images(k, 0, run.images.n_images)
+        pending = [b for b, (a, e) in enumerate(image_ranges) if not _done(done_row, a, e, bits)]
         report.blocks_skipped += len(image_ranges) - len(pending)
         exported: set[int] = set()
         computed: set[int] = set()
@@ -486,11 +496,20 @@ def _execute(
                     for u in units
                 ]
 
-                def finished(i: int, k=k, units=units, exported=exported, computed=computed):
-                    results.mark_done(k, [image_ranges[b] for b in units[i]], bits)
+                def finished(
+                    i: int, k=k, units=units, exported=exported, computed=computed, row=done_row
+                ):
+                    ranges = [image_ranges[b] for b in units[i]]
+                    results.mark_done(k, ranges, bits)
+                    for a, e in ranges:
+                        row[a:e] |= np.uint8(bits)
                     computed.update(units[i])
-                    if run.export_pt:
-                        _export_ready(run, results, plan, layout, k, fp, exported, computed, report)
+                    if run.export_pt:  # only the stacks this unit touched can have completed
+                        touched = _stacks_touching(run, ranges[0][0], ranges[-1][1])
+                        _export_ready(
+                            run, results, plan, layout, k, fp, exported, computed, report,
+                            row, touched,
+                        )  # fmt: skip
 
                 t0 = time.perf_counter()
                 executor.run(stored, label, bar=bar, on_done=finished)
@@ -504,7 +523,10 @@ def _execute(
                     float(m) * n_t * run.displacements.n_displacements * run.parameters.n_inplanes
                 )
         if run.export_pt:
-            _export_ready(run, results, plan, layout, k, fp, exported, computed, report)
+            every = range(len(run.images.stacks))
+            _export_ready(
+                run, results, plan, layout, k, fp, exported, computed, report, done_row, every
+            )
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -519,15 +541,19 @@ def _export_ready(
     exported: set[int],
     computed: set[int],
     report: RunReport,
+    done_row: np.ndarray,
+    candidates: Any,
 ) -> None:
-    """Export every stack whose blocks are all done, unless its files are valid and none of
-    its blocks was computed by this run."""
+    """Export every stack of ``candidates`` whose images are all done (``done_row``: the
+    structure's done bits), unless its files are valid and none of its blocks was computed by
+    this run."""
     bits = run.request.bits
     quantities = run.request.quantities
-    for i_stack, info in enumerate(run.images.stacks):
+    for i_stack in candidates:
+        info = run.images.stacks[i_stack]
         if i_stack in exported:
             continue
-        if not _all_done(results, structure, info.start, info.stop, bits):
+        if not _done(done_row, info.start, info.stop, bits):
             continue
         blocks = _stack_blocks(plan, info.start, info.stop)
         if run.skip_exist and not computed.intersection(blocks):

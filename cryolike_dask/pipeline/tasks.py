@@ -181,6 +181,23 @@ class ImageBlock:
         return self.stop - self.start
 
 
+def _register_sizes() -> None:
+    """Tell Dask how large image blocks and kernel results are (for placement and memory
+    accounting; by default an object counts as a few dozen bytes)."""
+    from dask.sizeof import sizeof
+
+    @sizeof.register(ImageBlock)
+    def _block(block: ImageBlock) -> int:
+        return int(block.images.nbytes + sum(v.nbytes for v in block.lens.values()))
+
+    @sizeof.register(BlockResult)
+    def _result(result: BlockResult) -> int:
+        return int(sum(getattr(v, "nbytes", 0) for v in result.__dict__.values()))
+
+
+_register_sizes()
+
+
 # ------------------------------------------------------------------------------ caches
 class _LRU:
     """A small thread-safe LRU cache bounded by item count and bytes."""

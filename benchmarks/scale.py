@@ -1,0 +1,598 @@
+"""A simulated many-GPU run: the real driver on many emulated workers (issue 16).
+
+The real planner, graph builder, driver loop (:func:`cryolike_dask.pipeline.driver.execute`)
+and a real ``results.zarr`` on disk, on a ``LocalCluster`` of in-process single-thread
+workers. Only the work inside the tasks is replaced, in this process (the workers are
+in-process, so the patch reaches them):
+
+- ``tasks.correlate_task`` sleeps ``m·s·D·W / rate × time_factor`` seconds and returns a
+  :class:`BlockResult` with the real per-image arrays (``best_cross_correlation``,
+  ``best_pose``, ``log_likelihood_sum`` of length ``m``), the rest ``None``;
+- ``tasks.load_image_block`` returns an :class:`ImageBlock` without pixels (its ``sizeof``
+  is what Dask sees of a real block: the dataclass is not registered with ``dask.sizeof``);
+- ``driver.describe_workers`` reports every worker as a GPU worker with ``--worker-memory``
+  of free GPU memory (the planner then uses the GPU memory model).
+
+Everything else (graph, reduction tree, ``da.store`` into ``results.zarr``, done marks,
+exports with ``--export``) is the production code. Structures are scaled down
+(``--structures`` of ``--total-structures``) and the results scaled up: every structure is
+the same graph, run one after the other by the driver.
+
+    .venv/bin/python -m benchmarks.scale                      # 100 workers, 10⁶ images
+    .venv/bin/python -m benchmarks.scale --workers 10 --time-factor 0.1
+
+The last line is ``simulated N workers: makespan X s vs ideal Y s, overhead Z%``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import heapq
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryolike_dask.grids import DisplacementGrid
+from cryolike_dask.io.sources import ImageSource, TemplateSource
+from cryolike_dask.io.zarr_stores import ResultsStore, StackInfo
+from cryolike_dask.kernels import BlockResult
+from cryolike_dask.params import ImageParameters
+from cryolike_dask.pipeline import driver, tasks
+from cryolike_dask.pipeline.cluster import WorkerInfo
+from cryolike_dask.pipeline.executor import Executor
+from cryolike_dask.pipeline.spec import LikelihoodRun, OutputRequest
+
+GIB = 2**30
+
+
+# ------------------------------------------------------------------------------ sources
+@dataclass(frozen=True)
+class SyntheticImages(ImageSource):
+    """``n_images`` images in stacks; never read (``load_image_block`` is replaced)."""
+
+    def read(self, start: int, stop: int):
+        raise AssertionError("the simulation reads no images")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "stacks": [[s.name, s.start, s.stop] for s in self.stacks]}
+
+
+@dataclass(frozen=True)
+class SyntheticTemplates(TemplateSource):
+    """``count`` templates per structure; never read (``correlate_task`` is replaced)."""
+
+    count: int = 1
+
+    def n_templates(self, structure: int) -> int:
+        return self.count
+
+    def read(self, structure: int, start: int, stop: int):
+        raise AssertionError("the simulation reads no templates")
+
+    def fingerprint(self, structure: int) -> dict[str, Any]:
+        return {"kind": "synthetic", "structure": structure, "count": self.count}
+
+
+# ------------------------------------------------------------------------------ recorders
+@dataclass
+class Recorder:
+    """Timings collected from the driver thread, the workers and the sampler."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    kernels: list = field(default_factory=list)  # (batch, worker, start, stop, modelled s)
+    loads: int = 0
+    batch: int = -1
+    batches: list = field(default_factory=list)  # dicts of phase seconds, one per batch
+    setup: dict = field(default_factory=dict)  # phase seconds outside any batch
+    zarr_write: dict = field(
+        default_factory=lambda: {k: [0.0, 0, 0] for k in ("setup", "results", "done")}
+    )
+    zarr_read_done: list = field(default_factory=lambda: [0.0, 0])
+    rss_peak: int = 0
+    sched_tasks_peak: int = 0
+    cpu: dict = field(default_factory=dict)  # CPU seconds by thread kind over the run
+
+    def add(self, name: str, seconds: float) -> None:
+        cur = self.batches[-1] if self.batches else self.setup
+        cur[name] = cur.get(name, 0.0) + seconds
+
+
+REC = Recorder()
+
+
+def _timed(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            REC.add(name, time.perf_counter() - t0)
+
+    return wrapper
+
+
+def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: float) -> list:
+    """Replace the task bodies and wrap the driver's phases; returns the undo list."""
+    import zarr
+
+    undo = []
+
+    def patch(obj, name, value):
+        undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def load_image_block(source, start, stop):
+        with REC.lock:
+            REC.loads += 1
+        # no pixels: what Dask's sizeof sees of a real ImageBlock (56 bytes) is kept
+        return tasks.ImageBlock(start, stop, np.empty((0,), np.complex64), {}, "cryolike", "")
+
+    def correlate_task(settings, templates, structure, t0, t1, block):
+        m, s = block.stop - block.start, t1 - t0
+        modelled = m * s * n_d * n_w / rate
+        start = time.perf_counter()
+        time.sleep(modelled * factor)
+        stop = time.perf_counter()
+        with REC.lock:
+            REC.kernels.append((REC.batch, threading.get_ident(), start, stop, modelled))
+        return BlockResult(
+            best_cross_correlation=np.zeros(m, np.float32),
+            best_pose=np.zeros(m, np.int64),
+            cross_correlation_ms=None,
+            pose_ms=None,
+            log_likelihood_ms=None,
+            log_likelihood_sum=np.zeros(m, np.float32),
+            cross_correlation_msdw=None,
+            cross_correlation_msw=None,
+            displacement_index_msw=None,
+            cross_correlation_msd=None,
+            rotation_index_msd=None,
+        )
+
+    def describe_workers(client, timeout=None):
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        mem = int(worker_gib * GIB)
+        return [
+            WorkerInfo(a, int(w["nthreads"]), 8 * mem, True, mem, mem, str(i))
+            for i, (a, w) in enumerate(sorted(info.items()))
+        ]
+
+    patch(tasks, "load_image_block", load_image_block)
+    patch(tasks, "correlate_task", correlate_task)
+    patch(driver, "describe_workers", describe_workers)
+    build = driver.build_batch_graph
+
+    def build_batch_graph(*args, **kwargs):
+        REC.batch += 1
+        REC.batches.append({"t_build": time.perf_counter()})
+        t0 = time.perf_counter()
+        graph = build(*args, **kwargs)
+        REC.add("graph build", time.perf_counter() - t0)
+        return graph
+
+    patch(driver, "build_batch_graph", build_batch_graph)
+    patch(driver, "_store_unit", _timed("store graphs", driver._store_unit))
+    patch(driver, "_export_ready", _timed("exports", driver._export_ready))
+    patch(driver, "_open_results", _timed("create results.zarr", driver._open_results))
+    patch(ResultsStore, "mark_done", _timed("done marks", ResultsStore.mark_done))
+    patch(ResultsStore, "clear_done", _timed("clear done", ResultsStore.clear_done))
+
+    run = Executor.run
+
+    def executor_run(self, units, label, *, unit="block", bar=None, on_done=None):
+        cur = REC.batches[-1]
+        cur["n_units"] = len(units)
+        client = self.client
+        compute = client.compute
+
+        def timed_compute(*a, **k):
+            t0 = time.perf_counter()
+            futures = compute(*a, **k)
+            cur["submit"] = time.perf_counter() - t0
+            cur["t_submitted"] = time.perf_counter()
+            return futures
+
+        def done(i):
+            t0 = time.perf_counter()
+            on_done(i)
+            cur["on_done"] = cur.get("on_done", 0.0) + time.perf_counter() - t0
+            cur["t_last_done"] = time.perf_counter()
+
+        client.compute = timed_compute
+        cur["t_run"] = time.perf_counter()
+        try:
+            run(self, units, label, unit=unit, bar=bar, on_done=done if on_done else None)
+        finally:
+            del client.compute
+            cur["t_end"] = time.perf_counter()
+
+    patch(Executor, "run", executor_run)
+
+    setitem, getitem = zarr.Array.__setitem__, zarr.Array.__getitem__
+
+    def timed_setitem(self, selection, value):
+        t0 = time.perf_counter()
+        setitem(self, selection, value)
+        dt = time.perf_counter() - t0
+        kind = "done" if "bookkeeping" in self.path else "results"
+        if REC.batch < 0:
+            kind = "setup"  # coordinates written when the store is created
+        with REC.lock:
+            acc = REC.zarr_write[kind]
+            acc[0] += dt
+            acc[1] += 1
+            acc[2] += int(np.asarray(value).nbytes)
+
+    def timed_getitem(self, selection):
+        t0 = time.perf_counter()
+        out = getitem(self, selection)
+        if "bookkeeping" in self.path:
+            with REC.lock:
+                REC.zarr_read_done[0] += time.perf_counter() - t0
+                REC.zarr_read_done[1] += 1
+        return out
+
+    patch(zarr.Array, "__setitem__", timed_setitem)
+    patch(zarr.Array, "__getitem__", timed_getitem)
+    return undo
+
+
+@contextlib.contextmanager
+def sampler(scheduler: Any, every: float = 0.2):
+    """Peak RSS of this process (driver + scheduler + in-process workers) and of the
+    scheduler's task count."""
+    import psutil
+
+    proc, stop = psutil.Process(), threading.Event()
+    base = {t.id: t.user_time + t.system_time for t in proc.threads()}
+    last: dict[int, tuple[str, float]] = {}
+
+    def cpu():
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for t in proc.threads():
+            name = names.get(t.id, last.get(t.id, ("?", 0))[0])
+            last[t.id] = (name, t.user_time + t.system_time)
+
+    def loop():
+        while not stop.is_set():
+            REC.rss_peak = max(REC.rss_peak, proc.memory_info().rss)
+            REC.sched_tasks_peak = max(REC.sched_tasks_peak, len(scheduler.tasks))
+            cpu()
+            stop.wait(every)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        cpu()
+        main = threading.main_thread().native_id
+        for tid, (name, c) in last.items():
+            if tid == main:
+                kind = "driver (main thread)"
+            elif name == "IO loop":
+                kind = "event loop (scheduler + workers)"
+            elif "Dask-Default-Threads" in name:
+                kind = "worker task threads"
+            elif "Offload" in name:
+                kind = "offload threads"
+            else:
+                kind = "other: " + name.rstrip("0123456789_-")
+            REC.cpu[kind] = REC.cpu.get(kind, 0.0) + c - base.get(tid, 0.0)
+
+
+# ------------------------------------------------------------------------------ analysis
+def list_schedule(durations: list[float], workers: int) -> float:
+    """Makespan of greedy longest-first list scheduling (a barrier-bound batch)."""
+    heap = [0.0] * min(workers, len(durations))
+    for d in sorted(durations, reverse=True):
+        heapq.heapreplace(heap, heap[0] + d)
+    return max(heap) if heap else 0.0
+
+
+def run_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build_run(args: argparse.Namespace, out: Path) -> LikelihoodRun:
+    params = ImageParameters.from_values(args.box, 1.0, n_inplanes=args.rotations)
+    size = args.stack_size
+    stacks = tuple(
+        StackInfo(f"stack_{i:06d}", a, min(args.images, a + size), "")
+        for i, a in enumerate(range(0, args.images, size))
+    )
+    images = SyntheticImages(params, stacks)
+    names = tuple(f"structure_{k:03d}" for k in range(args.structures))
+    templates = SyntheticTemplates(params, names, args.templates)
+    d = args.displacements
+    disp = DisplacementGrid(np.linspace(-4, 4, d), np.linspace(4, -4, d))
+    return LikelihoodRun(
+        templates=templates,
+        images=images,
+        output=out,
+        structures=tuple(range(args.structures)),
+        displacements=disp,
+        request=OutputRequest(),
+        precision="single",
+        device="gpu",
+        export_pt=args.export,
+        validate_data=False,  # it reads every image: not what this measures
+        templates_per_block=args.templates_per_block,
+        images_per_block=args.images_per_block,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=100)
+    ap.add_argument("--images", type=int, default=10**6)
+    ap.add_argument("--stack-size", type=int, default=1000)
+    ap.add_argument("--structures", type=int, default=1, help="simulated (≤ total)")
+    ap.add_argument("--total-structures", type=int, default=100, help="of the full job")
+    ap.add_argument("--templates", type=int, default=2370)
+    ap.add_argument("--displacements", type=int, default=257)
+    ap.add_argument("--rotations", type=int, default=256, help="W")
+    ap.add_argument("--box", type=int, default=128, help="image size, px (gives N shells)")
+    ap.add_argument("--worker-memory", type=float, default=80.0, help="GiB of GPU memory")
+    ap.add_argument("--rate", type=float, default=3.7e10, help="pose evaluations/s per GPU")
+    ap.add_argument("--time-factor", type=float, default=1.0, help="sleep = modelled × this")
+    ap.add_argument("--templates-per-block", type=int, default=None)
+    ap.add_argument("--images-per-block", type=int, default=None)
+    ap.add_argument("--export", action="store_true", help="write the .pt exports too")
+    ap.add_argument("--keep", type=Path, default=None, help="output folder (kept)")
+    ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    args = ap.parse_args(argv)
+    for name in ("distributed", "cryolike_dask", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="scale-")) if args.keep is None else args.keep
+    out = tmp / "run"
+    run = build_run(args, out)
+    grid = run.parameters.polar_grid
+    n_d, n_w = args.displacements, grid.n_inplanes
+    undo = install_patches(n_d, n_w, args.rate, args.time_factor, args.worker_memory)
+    t0 = time.perf_counter()
+    # emulation only: in-process workers share this process's event loop and GIL with the
+    # scheduler and the driver; their per-worker profiler (every 10 ms) and system monitor
+    # are off so that they steal less of it (production workers run them in their own
+    # processes)
+    dask.config.set(
+        {
+            "distributed.admin.tick.limit": "1h",
+            "distributed.worker.profile.enabled": False,
+            "distributed.admin.system-monitor.interval": "60s",
+        }
+    )
+    cluster = LocalCluster(
+        n_workers=args.workers,
+        threads_per_worker=1,
+        processes=False,
+        memory_limit=0,
+        dashboard_address=None,
+    )
+    client = Client(cluster)
+    cluster_s = time.perf_counter() - t0
+    import psutil
+
+    proc = psutil.Process()
+    time.sleep(1.0)
+    c0, w0 = sum(proc.cpu_times()[:2]), time.perf_counter()
+    time.sleep(3.0)
+    idle_cpu = (sum(proc.cpu_times()[:2]) - c0) / (time.perf_counter() - w0)
+    rss_base = proc.memory_info().rss
+    try:
+        with sampler(cluster.scheduler):
+            t0 = time.perf_counter()
+            report = driver.execute(run, client, progress=False)
+            total_s = time.perf_counter() - t0
+        results_bytes = run_bytes(out / driver.RESULTS_NAME)
+        export_bytes = run_bytes(out) - results_bytes
+    finally:
+        client.close()
+        cluster.close()
+        for obj, name, value in reversed(undo):
+            setattr(obj, name, value)
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    numbers = analyse(
+        args, run, report, total_s, cluster_s, rss_base, results_bytes, export_bytes, idle_cpu
+    )
+    if args.json:
+        args.json.write_text(json.dumps(numbers, indent=1, default=float))
+    return 0
+
+
+def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, export_bytes, idle_cpu):
+    plan = report.plan
+    w = args.workers
+    f = args.time_factor
+    kern = np.array([k[2:] for k in REC.kernels]) if REC.kernels else np.zeros((0, 3))
+    batch_of = np.array([k[0] for k in REC.kernels])
+    rows = []
+    for b, cur in enumerate(REC.batches):
+        sel = batch_of == b
+        modelled = kern[sel, 2] * f
+        ideal = modelled.sum() / w
+        bound = list_schedule(list(modelled), w)
+        start = cur.get("t_submitted", cur["t_run"])
+        first = kern[sel, 0].min() - start if sel.any() else 0.0
+        last = kern[sel, 1].max() if sel.any() else cur["t_end"]
+        wall = cur["t_end"] - cur["t_build"]
+        # per-worker dispatch gaps between consecutive kernel tasks of the batch
+        gaps = []
+        for wid in {k[1] for k in REC.kernels if k[0] == b}:
+            ks = sorted((k[2], k[3]) for k in REC.kernels if k[0] == b and k[1] == wid)
+            gaps += [s2 - e1 for (_, e1), (s2, _) in itertools.pairwise(ks)]
+        serial = sum(cur.get(k, 0.0) for k in ("graph build", "store graphs", "submit"))
+        rows.append(
+            dict(
+                n_kernel=int(sel.sum()),
+                units=cur["n_units"],
+                wall=wall,
+                ideal=ideal,
+                bound=bound,
+                first_start=first,
+                tail=cur["t_end"] - last,
+                gap=float(np.mean(gaps)) if gaps else 0.0,
+                build=cur.get("graph build", 0.0),
+                store=cur.get("store graphs", 0.0),
+                submit=cur.get("submit", 0.0),
+                on_done=cur.get("on_done", 0.0),
+                marks=cur.get("done marks", 0.0),
+                exports=cur.get("exports", 0.0),
+                serial=serial,
+                critical=serial + first + (cur["t_end"] - last),
+            )
+        )
+    n_kernel = sum(r["n_kernel"] for r in rows)
+    makespan = sum(r["wall"] for r in rows)
+    ideal = sum(r["ideal"] for r in rows)
+    bound = sum(r["bound"] for r in rows)
+    modelled_total = float(kern[:, 2].sum()) if len(kern) else 0.0
+    overhead = (makespan - ideal) / makespan if makespan else 0.0
+    absolute = makespan - bound  # overheads that do not scale with the kernel time
+    n_b = len(rows)
+    setup = total_s - makespan
+
+    # the full job: every structure is the same graph, one after the other
+    scale = args.total_structures / args.structures
+    per_struct_model = modelled_total / args.structures
+    full_ideal = per_struct_model * args.total_structures / w
+    once = REC.setup.get("create results.zarr", 0.0)  # per run, not per structure
+    full_wall = (bound / f + absolute + setup - once) * scale + once
+    gpu_h = full_wall * w / 3600
+    ideal_gpu_h = per_struct_model * args.total_structures / 3600
+
+    wr, wd = REC.zarr_write["results"], REC.zarr_write["done"]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+    p = print
+    p(
+        f"job: {args.images} images × {args.structures}/{args.total_structures} structures × "
+        f"{args.templates} templates × D={args.displacements} × W={run.parameters.n_inplanes} "
+        f"(N={run.parameters.polar_grid.n_shells}), {w} workers of {args.worker_memory:g} GiB, "
+        f"{args.rate:.3g} poses/s, time factor {f:g}"
+    )
+    p(f"plan: {driver.planning.describe(plan)}; {len(plan.batches())} batch(es) per structure")
+    p(
+        f"cluster start {cluster_s:.1f} s; setup outside batches {setup:.2f} s "
+        f"(create results.zarr {REC.setup.get('create results.zarr', 0):.2f} s, clear done "
+        f"{sum(b.get('clear done', 0) for b in [REC.setup, *REC.batches]):.2f} s)"
+    )
+    p("")
+    p("| per batch (mean) | seconds | % of batch |")
+    p("|---|---:|---:|")
+    for label, key in (
+        ("batch wall (build → last done mark)", "wall"),
+        ("ideal (kernel time / workers)", "ideal"),
+        ("list-schedule bound (whole waves)", "bound"),
+        ("graph build", "build"),
+        ("store graphs (`da.store` per unit)", "store"),
+        ("submit (`client.compute`)", "submit"),
+        ("first kernel start after submit", "first_start"),
+        ("on_done total (done marks + exports)", "on_done"),
+        ("  of which done marks", "marks"),
+        ("  of which exports", "exports"),
+        ("tail: last kernel end → batch returned", "tail"),
+        ("driver serial before work starts (build+store+submit)", "serial"),
+        ("on the critical path (serial + first start + tail)", "critical"),
+    ):
+        v = mean.get(key, 0.0)
+        pct = 100 * v / mean["wall"] if mean.get("wall") else 0.0
+        p(f"| {label} | {v:.3f} | {pct:.2f} |")
+    p("")
+    p(f"kernel tasks: {n_kernel} in {n_b} batch(es), {mean.get('units', 0):.0f} units per batch")
+    p(
+        f"scheduler: mean dispatch gap between consecutive kernel tasks on a worker "
+        f"{1e3 * mean.get('gap', 0):.2f} ms; peak tasks held {REC.sched_tasks_peak}; "
+        f"absolute overhead (makespan − list bound) {absolute:.2f} s = "
+        f"{1e3 * absolute / max(1, n_kernel):.2f} ms per kernel task"
+    )
+    p(
+        "CPU seconds by thread over the run: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(REC.cpu.items(), key=lambda kv: -kv[1]))
+    )
+    loop = REC.cpu.get("event loop (scheduler + workers)", 0.0)
+    busy = max(0.0, loop - idle_cpu * total_s)
+    n_graph = REC.sched_tasks_peak * max(1, n_b)
+    p(
+        f"event loop: {idle_cpu:.2f} cores busy with the cluster idle before the run; during it "
+        f"{loop / total_s:.2f} cores; above idle {busy:.1f} s ≈ {1e3 * busy / n_graph:.2f} ms "
+        f"per graph task (~{n_graph} tasks, {n_graph / max(1, n_kernel):.1f} per kernel task; "
+        "scheduler and worker side together)"
+    )
+    p(
+        f"memory: process RSS {rss_base / 2**20:.0f} MiB after the cluster started, peak "
+        f"{REC.rss_peak / 2**20:.0f} MiB (driver + scheduler + {w} in-process workers; growth "
+        f"{(REC.rss_peak - rss_base) / 2**20:.0f} MiB)"
+    )
+    p(
+        f"results.zarr: {results_bytes / 2**20:.1f} MiB on disk (creation wrote "
+        f"{REC.zarr_write['setup'][2] / 2**20:.1f} MiB in {REC.zarr_write['setup'][0]:.2f} s); "
+        f"output stores {wr[1]} in "
+        f"{wr[0]:.2f} s ({wr[2] / 2**20:.1f} MiB); done marks {wd[1]} writes in {wd[0]:.2f} s "
+        f"({wd[2] / 2**20:.1f} MiB rewritten), {REC.zarr_read_done[1]} done reads in "
+        f"{REC.zarr_read_done[0]:.2f} s"
+        + (f"; exports {export_bytes / 2**20:.1f} MiB" if args.export else "")
+    )
+    in_bytes = args.images * run.parameters.polar_grid.n_shells * run.parameters.n_inplanes * 8
+    struct_s = full_wall / args.total_structures
+    p(
+        f"inputs: {in_bytes / GIB:.0f} GiB of images per structure ({in_bytes / GIB / struct_s:.1f}"
+        f" GiB/s at the predicted {struct_s:.0f} s per structure); each image block feeds "
+        f"{plan.n_template_blocks} kernel tasks"
+    )
+    p(
+        f"prediction, {args.total_structures} structures: {full_wall / 3600:.2f} h wall, "
+        f"{gpu_h:.0f} GPU-hours (ideal {full_ideal / 3600:.2f} h, {ideal_gpu_h:.0f} GPU-hours)"
+    )
+    p(
+        f"simulated {w} workers: makespan {makespan:.1f} s vs ideal {ideal:.1f} s, overhead "
+        f"{100 * overhead:.1f}%"
+    )
+    sys.stdout.flush()
+    return dict(
+        rows=rows,
+        makespan=makespan,
+        ideal=ideal,
+        bound=bound,
+        overhead=overhead,
+        absolute=absolute,
+        setup=setup,
+        full_wall_s=full_wall,
+        gpu_hours=gpu_h,
+        ideal_gpu_hours=ideal_gpu_h,
+        rss_base=rss_base,
+        rss_peak=REC.rss_peak,
+        sched_tasks_peak=REC.sched_tasks_peak,
+        results_bytes=results_bytes,
+        zarr_write=REC.zarr_write,
+        zarr_read_done=REC.zarr_read_done,
+        loads=REC.loads,
+        cpu=REC.cpu,
+        idle_cpu=idle_cpu,
+        pid=os.getpid(),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
