@@ -1,4 +1,8 @@
-"""Pure array kernels (NumPy or CuPy, chosen from the input arrays; no Dask, Zarr or torch).
+"""Pure array kernels (NumPy or CuPy, chosen from the input arrays; no Dask or Zarr).
+
+Only :mod:`~cryolike_dask.kernels.backend` knows libraries: on the CPU it routes the large
+complex GEMMs and inverse FFTs of NumPy arrays through torch (MKL, zero-copy views) when that
+is faster, with NumPy/SciPy as the fallback; CuPy arrays stay on CuPy.
 
 * :mod:`~cryolike_dask.kernels.ctf` - CTF on the polar grid;
 * :mod:`~cryolike_dask.kernels.translation` - Fourier translation kernel;

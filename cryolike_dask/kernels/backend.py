@@ -76,3 +76,122 @@ def gemm_rate(size: int = 256, repeats: int = 3) -> float:
             best = min(best, time.perf_counter() - t0)
         _GEMM_RATE["cpu"] = 8.0 * size**3 / max(best, 1e-9)
     return _GEMM_RATE["cpu"]
+
+
+# ------------------------------------------------------------------------------ CPU libraries
+# On NumPy inputs the two big steps of the kernel - the batched complex GEMM and the inverse
+# real FFT over the orders - run fastest through torch's MKL (benchmarks/cpu_paths.py). torch is
+# imported lazily, only here, and only sees NumPy memory through zero-copy ``from_numpy``
+# views; CuPy inputs stay on CuPy; NumPy/SciPy are the fallback without torch.
+
+#: Route NumPy GEMMs and inverse FFTs through torch when it imports (set False to measure or
+#: to force the NumPy/SciPy fallback).
+USE_TORCH = True
+
+_TORCH: list[Any] = []
+_TORCH_DTYPES = (np.dtype(np.complex64), np.dtype(np.complex128))
+
+
+def _torch() -> Any:
+    """The ``torch`` module, or ``None`` when it does not import (cached)."""
+    if not _TORCH:
+        try:
+            import torch
+        except Exception:  # ImportError, broken installs
+            torch = None
+        _TORCH.append(torch)
+    return _TORCH[0]
+
+
+def _torch_ok(*arrays: Any) -> bool:
+    return (
+        USE_TORCH
+        and _torch() is not None
+        and all(
+            isinstance(a, np.ndarray)
+            and a.dtype in _TORCH_DTYPES
+            and a.flags.writeable  # torch warns on read-only memory (memory-mapped inputs)
+            and min(a.strides, default=0) >= 0
+            for a in arrays
+        )
+    )
+
+
+class _TorchThreads:
+    """Run torch ops with ``workers`` intra-op threads.
+
+    ``torch.set_num_threads`` is process-global (MKL's count is global too), so:
+
+    * ``workers`` given: that many threads; restored on exit only on the main thread - a
+      Dask task thread leaves it set, so that concurrent task threads asking for the same
+      count never undo each other mid-GEMM;
+    * ``workers=None``: on the main thread torch's own setting (``OMP_NUM_THREADS`` or all
+      cores, as NumPy's BLAS); on any other thread (Dask task threads, which share the
+      cores) one thread, as SciPy's FFTs and the nanny-pinned BLAS.
+    """
+
+    def __init__(self, workers: int | None):
+        self.workers = workers
+        self.old: int | None = None
+
+    def __enter__(self) -> None:
+        import threading
+
+        torch = _torch()
+        main = threading.current_thread() is threading.main_thread()
+        n = self.workers if self.workers is not None else (None if main else 1)
+        if n is not None and n > 0 and torch.get_num_threads() != n:
+            if main:
+                self.old = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.old is not None:
+            _torch().set_num_threads(self.old)
+            self.old = None
+
+
+def matmul(xp: ModuleType, a: Any, b: Any, *, out: Any = None, workers: int | None = None) -> Any:
+    """``xp.matmul(a, b, out=out)``; NumPy complex inputs go through torch's MKL (zero-copy).
+
+    Same values as NumPy/OpenBLAS to float rounding (both are exact complex GEMMs). ``out``
+    (C-contiguous, of the result's shape and dtype) saves the page faults of a fresh result.
+    """
+    if xp is np and _torch_ok(a, b) and a.dtype == b.dtype:
+        torch = _torch()
+        shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if out is None or out.shape != shape or out.dtype != a.dtype or not out.flags.c_contiguous:
+            out = np.empty(shape, dtype=a.dtype)
+        with _TorchThreads(workers):
+            torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+        return out
+    return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
+
+
+def irfft(
+    xp: ModuleType, x: Any, n: int, *, axis: int = -1, out: Any = None, workers: int | None = None
+) -> Any:
+    """``irfft(x, n, axis, norm="forward")`` (CryoLike's inverse); real result.
+
+    NumPy complex inputs go through ``torch.fft.irfft`` (MKL), which reads strided views
+    without a copy, into ``out`` when given (C-contiguous, right shape and dtype); else
+    SciPy's pocketfft (threaded by ``workers``) or ``cupy.fft``.
+    """
+    if xp is np and _torch_ok(x):
+        torch = _torch()
+        shape = list(x.shape)
+        shape[axis] = n
+        real = np.empty(0, x.dtype).real.dtype
+        ok = (
+            out is not None
+            and tuple(out.shape) == tuple(shape)
+            and out.dtype == real
+            and out.flags.c_contiguous
+        )
+        with _TorchThreads(workers):
+            tx = torch.from_numpy(x)
+            if ok:
+                torch.fft.irfft(tx, n=n, dim=axis, norm="forward", out=torch.from_numpy(out))
+                return out
+            return torch.fft.irfft(tx, n=n, dim=axis, norm="forward").numpy()
+    return fft_module(xp).irfft(x, n=n, axis=axis, norm="forward", **fft_kwargs(xp, workers))

@@ -27,10 +27,10 @@ import numpy as np
 
 from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.grids.polar import PolarGrid
-from cryolike_dask.kernels.backend import array_module, fft_kwargs, fft_module
+from cryolike_dask.kernels.backend import array_module, fft_kwargs, fft_module, irfft, matmul
 from cryolike_dask.kernels.fourier_bessel import n_orders
 from cryolike_dask.kernels.likelihood import LikelihoodConstants
-from cryolike_dask.kernels.reduction import logsumexp, logsumexp_inplace
+from cryolike_dask.kernels.reduction import logsumexp
 from cryolike_dask.precision import Precision
 
 #: Default budget for the kernel's per-batch temporaries (bytes).
@@ -280,6 +280,9 @@ class PreparedImages:
         ``Iyy = Σ ωI |I|²``.
     mask_overlap : complex ``[M]``
         ``Isy = Σ ωI · mask · I``.
+    isotropic_ctf : bool
+        The CTF was given without an angle axis (``[M or 1, N, 1]``): template norms then do
+        not depend on the rotation, and :func:`correlate_block` skips the normalisation pass.
     """
 
     spectrum: Any
@@ -287,6 +290,7 @@ class PreparedImages:
     ctf: Any
     norms: Any
     mask_overlap: Any
+    isotropic_ctf: bool = False
 
     @property
     def n_images(self) -> int:
@@ -340,6 +344,7 @@ def prepare_images(
         raise ValueError(
             f"ctf must have shape [{n_m} or 1, {n_n}, {n_w} or 1], got {tuple(c.shape)}"
         )
+    isotropic = c.shape[2] == 1
     c = xp.ascontiguousarray(xp.broadcast_to(c.astype(rdt, copy=False), (n_m, n_n, n_w)))
     fft = fft_module(xp)
     kw = fft_kwargs(xp, workers)
@@ -357,7 +362,7 @@ def prepare_images(
     mask = xp.asarray(grid.mask).astype(rdt)
     mask_overlap = xp.sum(y * (mask * weights[:, None]), axis=(1, 2))
     return PreparedImages(
-        spectrum, ctf_power_spectrum, c.reshape(n_m, n_n * n_w), norms, mask_overlap
+        spectrum, ctf_power_spectrum, c.reshape(n_m, n_n * n_w), norms, mask_overlap, isotropic
     )
 
 
@@ -492,8 +497,6 @@ def correlate_block(
         If any normalised cross-correlation is NaN (zero-norm template, image or CTF).
     """
     xp = array_module(templates.spectrum)
-    fft = fft_module(xp)
-    kw = fft_kwargs(xp, workers)
     n_m, n_s = images.n_images, templates.n_templates
     n_d, n_w = templates.n_displacements, templates.n_inplanes
     rdt = np.empty(0, dtype=templates.spectrum.dtype).real.dtype
@@ -519,23 +522,37 @@ def correlate_block(
         isx_all = images.ctf.astype(templates.mask_weighted.dtype) @ templates.mask_weighted.T
 
     m_step, s_step = batch_sizes(templates, n_m, outputs, work_bytes)
-    spectrum = templates.spectrum.reshape(templates.spectrum.shape[0], templates.n_shells, n_s, n_d)
+    n_q = templates.spectrum.shape[0]
+    spectrum = templates.spectrum.reshape(n_q, templates.n_shells, n_s, n_d)
+    # On the CPU the GEMM result and the correlation reuse one buffer each across steps (a
+    # fresh 100 MB array costs its page faults every step); GPU memory pools do this already.
+    reuse = xp is np
+    xq_buf = np.empty(n_q * m_step * s_step * n_d, templates.spectrum.dtype) if reuse else None
+    x_buf = np.empty(m_step * s_step * n_d * n_w, rdt) if reuse else None
+    # Isotropic CTF: Ixx does not depend on the rotation, so cc = X · (one positive factor per
+    # image and template) - the arg-max is taken on X and only the best value is normalised
+    reduced_only = not (outputs.full or outputs.per_rotation or outputs.per_displacement)
+    skip_norm = reduced_only and images.isotropic_ctf
     for m0 in range(0, n_m, m_step):
         m1 = min(n_m, m0 + m_step)
         mb = m1 - m0
         iyy = images.norms[m0:m1].astype(rdt, copy=False)
         # template norms of the image batch, all templates at once (D times smaller work)
-        nq = xp.matmul(images.ctf_power_spectrum[:, m0:m1, :], templates.power_spectrum)
-        ixx_all = fft.irfft(nq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
+        nq = matmul(
+            xp, images.ctf_power_spectrum[:, m0:m1, :], templates.power_spectrum, workers=workers
+        )
+        ixx_all = irfft(xp, nq.transpose(1, 2, 0), n_w, axis=-1, workers=workers)
         ixx_all = ixx_all.astype(rdt, copy=False)  # [mb, S, W]
         del nq
         for s0 in range(0, n_s, s_step):
             s1 = min(n_s, s0 + s_step)
             sb = s1 - s0
             # contraction over shells for every order q: one batched GEMM [Q, mb, N]@[Q, N, s·D]
-            b = spectrum[:, :, s0:s1, :].reshape(spectrum.shape[0], templates.n_shells, sb * n_d)
-            xq = xp.matmul(images.spectrum[:, m0:m1, :], b)  # [Q, mb, s·D]
-            x = fft.irfft(xq.transpose(1, 2, 0), n=n_w, axis=-1, norm="forward", **kw)
+            b = spectrum[:, :, s0:s1, :].reshape(n_q, templates.n_shells, sb * n_d)
+            xq_out = xq_buf[: n_q * mb * sb * n_d].reshape(n_q, mb, sb * n_d) if reuse else None
+            xq = matmul(xp, images.spectrum[:, m0:m1, :], b, out=xq_out, workers=workers)
+            x_out = x_buf[: mb * sb * n_d * n_w].reshape(mb, sb * n_d, n_w) if reuse else None
+            x = irfft(xp, xq.transpose(1, 2, 0), n_w, axis=-1, out=x_out, workers=workers)
             del xq
             x = x.reshape(mb, sb, n_d, n_w).astype(rdt, copy=False)  # raw correlation X
             ixx = ixx_all[:, s0:s1]
@@ -552,9 +569,18 @@ def correlate_block(
                     xp,
                 )
 
-            cc = x  # normalise in place
             with _errstate(xp):  # a zero norm gives inf/NaN, reported below with its indices
                 inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, s, W]
+                if skip_norm:
+                    flat = x.reshape(mb, sb, n_d * n_w)
+                    arg = xp.argmax(flat, axis=-1)
+                    best = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+                    # the very factor the full normalisation gives this pose
+                    best *= xp.take_along_axis(inv_norm, (arg % n_w)[..., None], axis=-1)[..., 0]
+                    best_ms[m0:m1, s0:s1] = best
+                    pose_ms[m0:m1, s0:s1] = arg
+                    continue
+                cc = x  # normalise in place
                 cc *= inv_norm[:, :, None, :]
             flat = cc.reshape(mb, sb, n_d * n_w)
             arg = xp.argmax(flat, axis=-1)
@@ -600,6 +626,13 @@ def _integrated_log_likelihood(
 
     ``x`` is the raw correlation ``[mb, S, D, W]`` (not modified), ``ixx`` ``[mb, S, W]``,
     ``iyy`` ``[mb]``, ``isx`` ``[mb, S]`` and ``isy`` ``[mb]`` complex.
+
+    Per pose ``L = −p ln D − ½ ln A`` with ``D = −(B²/A + C) > 0``, ``B = X·Iss − k``. The
+    log-sum over displacements is taken first, for each rotation, without logarithms or
+    exponentials of the large tensor: with ``D₀ = min_d D`` (the best displacement),
+    ``logsumexp_d(−p ln D) = −p ln D₀ + ln Σ_d (D₀/D)^p`` and every ``(D₀/D)^p ∈ [0, 1]``
+    (no overflow). Eight passes over ``[mb, S, D, W]`` (was thirteen); the rest is on
+    ``[mb, S, W]``.
     """
     iss = constants.mask_integral
     p = constants.exponent
@@ -609,17 +642,19 @@ def _integrated_log_likelihood(
         rdt
     )  # Re(conj(Isx) Isy)
     c = ((isy.real**2 + isy.imag**2) - iyy * iss).astype(rdt)  # [mb]
-    t = x * rdt.type(iss)  # B = X Iss − k, then D = −(B²/A + C), in place
-    t -= k[:, :, None, None]
-    t *= t
-    t /= a[:, :, None, :]
-    t += c[:, None, None, None]
-    t *= -1
     with _errstate(xp):
-        xp.log(t, out=t)
-        t *= rdt.type(-p)
-        t -= (0.5 * xp.log(a))[:, :, None, :]
-    return logsumexp_inplace(t, axis=(2, 3)) + rdt.type(constants.constant)
+        # D = (X − k/Iss)² · (−Iss²/A) − C, in place on one temporary
+        t = x - (k / rdt.type(iss))[:, :, None, None]
+        t *= t
+        t *= (rdt.type(-(iss**2)) / a)[:, :, None, :]
+        t -= c[:, None, None, None]
+        d0 = xp.min(t, axis=2)  # [mb, S, W]
+        xp.divide(d0[:, :, None, :], t, out=t)
+        xp.power(t, rdt.type(p), out=t)
+        sums = xp.sum(t, axis=2)  # [mb, S, W]
+        per_w = rdt.type(-p) * xp.log(d0) + xp.log(sums) - rdt.type(0.5) * xp.log(a)
+        per_w = xp.where(d0 == 0, rdt.type(np.inf), per_w)  # a pose with D = 0: L = +inf
+    return logsumexp(per_w, axis=-1) + rdt.type(constants.constant)
 
 
 class _errstate:

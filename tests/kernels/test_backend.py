@@ -1,0 +1,41 @@
+"""The library routing of kernels/backend.py gives NumPy's and SciPy's results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.fft
+
+from cryolike_dask.kernels import backend
+
+
+@pytest.fixture(params=[True, False], ids=["torch", "numpy"])
+def routed(request, monkeypatch):
+    monkeypatch.setattr(backend, "USE_TORCH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_matmul_equals_numpy(routed, dtype) -> None:
+    rng = np.random.default_rng(1)
+    a = (rng.standard_normal((5, 7, 9)) + 1j * rng.standard_normal((5, 7, 9))).astype(dtype)
+    b = (rng.standard_normal((5, 9, 4)) + 1j * rng.standard_normal((5, 9, 4))).astype(dtype)
+    want = np.einsum("qmn,qnk->qmk", a.astype(np.complex128), b.astype(np.complex128))
+    tol = 1e-5 if dtype == np.complex64 else 1e-12
+    got = backend.matmul(np, a, b)
+    assert isinstance(got, np.ndarray) and got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    out = np.empty((5, 7, 4), dtype)
+    assert backend.matmul(np, a, b, out=out) is out
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("axis", [0, -1])
+def test_irfft_equals_scipy(routed, axis) -> None:
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((9, 6)) + 1j * rng.standard_normal((9, 6))).astype(np.complex64)
+    x = x if axis == 0 else np.ascontiguousarray(x.T)
+    want = scipy.fft.irfft(x.astype(np.complex128), n=16, axis=axis, norm="forward")
+    got = backend.irfft(np, x, 16, axis=axis)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
