@@ -774,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     _import_parser(sub)
     _stitch_parser(sub)
     _plot_parser(sub)
+    from cryolike_dask.reweight_cli import add_reweight_parser
+
+    add_reweight_parser(sub)
     return parser
 
 
