@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cryolike_dask._reweight import ReweightOptions
 from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.pipeline.spec import LikelihoodOptions
@@ -112,6 +113,11 @@ class LikelihoodConfig(LikelihoodOptions):
     integrated_likelihood: bool = True
 
 
+class ReweightConfig(ReweightOptions):
+    """The reweight step (the options of ``cryolike-dask reweight``, see docs/reweight.md):
+    population weights of the structures from the likelihood matrix."""
+
+
 class ClusterConfig(_Model):
     """Where to run: a LocalCluster (default) or a running scheduler."""
 
@@ -134,6 +140,7 @@ class RunConfig(_Model):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     stitch: bool = True
     plots: bool = True
+    reweight: ReweightConfig | None = None
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -360,6 +367,24 @@ def _run_steps(cfg: RunConfig, cluster: Any, client: Any, progress: bool) -> dic
         )
         outputs["matrices"] = next(iter(written.values())).parent
         log(f"matrices: {outputs['matrices']}")
+    if cfg.reweight is not None:  # 6. populations (needs the matrices)
+        from cryolike_dask._reweight import reweight_folder
+
+        folder = out / "reweight"
+        key = {"likelihood": _record(out / "likelihood" / "results.zarr" / "zarr.json")}
+        key["options"] = cfg.reweight.model_dump(mode="json")
+        if folder.exists() and _step_done(folder, key):
+            log(f"reweight: {folder} (complete, skipped)")
+        else:
+            result = reweight_folder(
+                out / "likelihood", cfg.reweight, output=folder, overwrite=True
+            )
+            _mark(folder, key)
+            weights = ", ".join(
+                f"{n} {w:.3f}" for n, w in zip(result.components, result.map_weights, strict=True)
+            )
+            log(f"reweight: {folder} ({weights})")
+        outputs["reweight"] = folder / "weights.csv"
     if cfg.plots:
         plots = plot_output_folder(out / "likelihood", out / "plots")
         outputs["plots"] = out / "plots"

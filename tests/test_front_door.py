@@ -139,6 +139,24 @@ def test_run_config_chains_steps_and_resumes(reference_dir, tmp_path, caplog) ->
     assert any("templates" in m and "skipped" in m for m in again)
     assert any("particles" in m and "skipped" in m for m in again)
     assert any(m.startswith("likelihood: 0 blocks computed, 2 already done") for m in again)
+    # the populations step chained after the matrices: two structures (the same model
+    # twice, so any split is a maximum) in a new output folder
+    model = str(reference_dir / "inputs_pdb" / "1uao.pdb")
+    (tmp_path / "rw").mkdir()
+    with_reweight = load_config(
+        _config(
+            tmp_path / "rw",
+            reference_dir,
+            templates={"inputs": [model, model]},
+            reweight={"chains": 2, "samples": 50, "warmup": 20, "folds": 0},
+        )
+    )
+    outputs = run_config(with_reweight, progress=False)
+    import csv
+
+    rows = list(csv.DictReader(outputs["reweight"].open()))
+    assert [r["structure"] for r in rows] == ["1uao", "1uao_1"]
+    assert abs(sum(float(r["map_weight"]) for r in rows) - 1.0) < 1e-9
     changed = load_config(
         _config(
             tmp_path,
