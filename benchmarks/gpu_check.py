@@ -4,7 +4,7 @@ throughput, ``correlate_block`` speed and memory, and the pipeline CPU vs GPU.
     python -m benchmarks.gpu_check --out gpu_report.json [--budget-seconds 420] [--quick]
     python -m benchmarks.gpu_check --dry-run --out /tmp/gpu_report.json   # no GPU needed
 
-Sized for one short run on a lent GPU machine (6–8 minutes with the defaults). The JSON
+Sized for one short run on a GPU machine (6–8 minutes with the defaults). The JSON
 report is rewritten after every phase and every measurement inside one, so a run that is
 killed keeps what it finished. Each phase has a time budget (scaled by
 ``--budget-seconds / 420``), is skipped when less time is left than it needs to start, runs
