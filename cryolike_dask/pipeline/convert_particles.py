@@ -521,7 +521,7 @@ def convert_particles(
     cluster = cluster or ClusterOptions()
     try:
         with get_client(cluster, client=client) as c:
-            if c is not None and getattr(c, "dashboard_link", None):
+            if cluster.dashboard and c is not None and getattr(c, "dashboard_link", None):
                 logger.info("Dask dashboard: %s", c.dashboard_link)
             Executor(c, cluster.scheduler, progress).map(
                 convert_stack, args, "converting", unit="stack", on_result=store_stack

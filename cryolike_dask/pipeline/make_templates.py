@@ -287,7 +287,7 @@ def make_templates(
     cluster = cluster or ClusterOptions()
     try:
         with get_client(cluster, client=client) as c:
-            if c is not None and getattr(c, "dashboard_link", None):
+            if cluster.dashboard and c is not None and getattr(c, "dashboard_link", None):
                 logger.info("Dask dashboard: %s", c.dashboard_link)
             Executor(c, cluster.scheduler, progress).run(stored, "templates", unit="block")
     except BaseException:
