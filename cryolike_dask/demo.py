@@ -3,13 +3,14 @@
 1. Image parameters: 32-pixel images of 5 Å, 96 viewing directions, 64 in-plane angles.
 2. Templates of two apoferritin structures shipped with the package (a deformed one, the
    truth, and a symmetric one), from their atomic models.
-3. Synthetic particles from the deformed structure's atomic model at known continuous poses,
+3. Synthetic particles, a 70/30 mixture of the two structures (``mixture``), from their
+   atomic models at known continuous poses,
    as real particles (a viewing direction uniform on the sphere, an in-plane rotation uniform
    in [0, 2π), a shift uniform in the search range; none on the search grids), each with its
    own astigmatic CTF and white noise, written as an MRC stack with a RELION STAR file.
 4. ``convert-particles`` on those files, as for real data.
 5. ``likelihood`` of every image against both structures on a local Dask cluster.
-6. Matrices (``stitch``), a summary and PNG plots. The summary sets the pose errors against
+6. Matrices (``stitch``), population weights (``reweight``), a summary and PNG plots. The summary sets the pose errors against
    the grid steps and against the quantisation floor (the error of the nearest grid pose,
    about half a step), which no search on these grids can beat.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -60,15 +61,28 @@ class DemoSummary:
     plots: list[Path]
 
     poses: str = "continuous"
+    #: mixture: per structure (true share, recovered weight, 2.5 % and 97.5 % posterior)
+    weights: dict[str, tuple[float, float, float, float]] | None = None
 
     def table(self) -> str:
         e = self.errors
         where = "continuous poses" if self.poses == "continuous" else "poses on the search grids"
+        source = self.structures[0]
+        if self.weights:
+            source = " and ".join(f"{n} ({t:.0%})" for n, (t, _w, _a, _b) in self.weights.items())
         rows = [
-            ("images", f"{self.n_images} (synthetic, from {self.structures[0]}, {where})"),
+            ("images", f"{self.n_images} (synthetic, from {source}, {where})"),
             ("structures compared", ", ".join(self.structures)),
-            ("images preferring the true structure", f"{self.prefer_true:.1%}"),
+            ("images preferring their true structure", f"{self.prefer_true:.1%}"),
         ]
+        for n, (t, w, lo, hi) in (self.weights or {}).items():
+            inside = "inside" if lo <= t <= hi else "OUTSIDE"
+            rows.append(
+                (f"weight of {n}", f"{w:.3f}, 95 % interval {lo:.3f}–{hi:.3f} (true {t:.3f}, "
+                 f"{inside})")
+            )  # fmt: skip
+        if self.weights:
+            rows.append(("pose errors below", f"for the images of {self.structures[0]}"))
         rows += _error_rows(e, "pose errors against the truth")
         if e.modulo_symmetry is not None:
             rows += _error_rows(
@@ -126,6 +140,7 @@ class SimulatedParticles:
     star: Path
     truth_file: Path
     truth: Truth
+    labels: np.ndarray | None = None  # structure of each image, for a mixture
 
 
 def simulate_particles(
@@ -138,6 +153,7 @@ def simulate_particles(
     rng: np.random.Generator | None = None,
     poses: str = "continuous",
     templates: str | Path | None = None,
+    mixture: float | None = None,
 ) -> SimulatedParticles:
     """Particles of the demo's true structure (the deformed apoferritin model shipped with
     the package), written as real data: ``OUTPUT/particles.mrcs`` (float32 ``[M, n, n]``),
@@ -148,6 +164,11 @@ def simulate_particles(
     shifts uniform within the demo's displacement search (±1 pixel), none on the search
     grids; ``"grid"``: at poses of the grids (needs ``templates``, the true structure's
     template file). White noise at ``snr``.
+
+    ``mixture`` (continuous poses): each image comes from the true structure with this
+    probability, else from the other example structure (the symmetric model); ``labels``
+    says which, and the truth holds the poses of the true structure's images only
+    (``truth.images``).
     """
     if poses not in ("continuous", "grid"):
         raise ParameterError(f"poses must be 'continuous' or 'grid', not {poses!r}")
@@ -168,14 +189,34 @@ def simulate_particles(
         astigmatism_convention="relion",
     )
     disp = demo_displacements(params)
-    truth, synthetic = _synthesize(poses, templates, params, disp, lens, snr, rng)
+    labels = None
+    if mixture is None:
+        truth, synthetic = _synthesize(poses, templates, params, disp, lens, snr, rng)
+        images = synthetic.images
+    else:
+        if poses != "continuous":
+            raise ParameterError("a mixture is simulated at continuous poses only")
+        labels = (rng.random(m) >= float(mixture)).astype(np.int64)  # 0: the true structure
+        images = None
+        for k in (0, 1):
+            idx = np.flatnonzero(labels == k)
+            if idx.size == 0:
+                continue
+            t_k, syn = _synthesize(
+                poses, None, params, disp, lens.subset(idx), snr, rng, model=MODELS[k]
+            )
+            if images is None:
+                images = np.empty((m, *syn.images.shape[1:]), syn.images.dtype)
+            images[idx] = syn.images
+            if k == 0:
+                truth = replace(t_k, images=idx)
     raw = Path(output)
     raw.mkdir(parents=True, exist_ok=True)
-    write_images(raw / "particles.mrcs", synthetic.images, params.pixel_size[0], overwrite=True)
+    write_images(raw / "particles.mrcs", images, params.pixel_size[0], overwrite=True)
     write_star(raw / "particles.star", lens)
     truth.save(raw / "truth.npz")
     return SimulatedParticles(
-        raw / "particles.mrcs", raw / "particles.star", raw / "truth.npz", truth
+        raw / "particles.mrcs", raw / "particles.star", raw / "truth.npz", truth, labels
     )
 
 
@@ -187,6 +228,7 @@ def _synthesize(
     lens: LensParameters,
     snr: float,
     rng: np.random.Generator,
+    model: str = MODELS[0],
 ) -> tuple[Truth, SyntheticParticles]:
     """The particles (one per image of ``lens``) of the true structure, MODELS[0] (its
     atomic model, or its templates ``true_pt`` for grid poses), and their truth.
@@ -198,7 +240,7 @@ def _synthesize(
     m = lens.defocus_u.size
     symmetry = chain_symmetry(model_path(MODELS[1]))
     if poses == "continuous":
-        atoms = read_atoms(model_path(MODELS[0]), params)
+        atoms = read_atoms(model_path(model), params)
         p = Poses.random(m, float(np.max(np.abs(disp.x))), rng)
         synthetic = synthesize_particles_at_poses(
             atoms.coordinates, atoms.radii, params, p, lens, snr, rng
@@ -245,8 +287,13 @@ def run_demo(
     progress: bool = True,
     overwrite: bool = True,
     poses: str = "continuous",
+    mixture: float | None = 0.7,
 ) -> DemoSummary:
     """Run the demo into ``output`` and return its summary (also written to summary.txt).
+
+    ``mixture``: the share of particles from the deformed structure (the rest from the
+    symmetric one; None: all from the deformed one); the summary reports the population
+    weights recovered by ``reweight`` with their 95 % intervals against the true shares.
 
     It uses the public API only (``import cryolike_dask as cd``), as a user would; steps are
     reported through ``logging`` (the ``demo`` command shows them). The likelihood runs on
@@ -292,8 +339,12 @@ def run_demo(
     disp = demo_displacements(params)
     m, w = n_images, params.n_inplanes
     raw = out / "raw"
-    sim = simulate_particles(raw, params, m, snr=snr, rng=rng, poses=poses, templates=pts[0])
+    mixture = mixture if poses == "continuous" else None
+    sim = simulate_particles(
+        raw, params, m, snr=snr, rng=rng, poses=poses, templates=pts[0], mixture=mixture
+    )
     truth = sim.truth
+    labels = sim.labels if sim.labels is not None else np.zeros(m, np.int64)
     particles = cd.gather_paired([raw / "particles.mrcs"], [raw / "particles.star"], batch_size=100)
     store = cd.convert_particles(
         particles,
@@ -332,28 +383,48 @@ def run_demo(
 
     results = xr.open_zarr(out / "likelihood" / "results.zarr").compute()
     ll = results["log_likelihood_integrated_fourier"].values
+    own = np.flatnonzero(labels == 0)  # the images of the true structure: their poses
     errors = pose_errors(
         params.viewing_angles,
         w,
         disp.as_array(),
         truth,
-        results["optimal_template"][0].values,
-        results["optimal_displacement_x"][0].values,
-        results["optimal_displacement_y"][0].values,
-        results["optimal_inplane_rotation"][0].values,
+        results["optimal_template"][0].values[own],
+        results["optimal_displacement_x"][0].values[own],
+        results["optimal_displacement_y"][0].values[own],
+        results["optimal_inplane_rotation"][0].values[own],
     )
+    names = [p.stem.removeprefix("templates_fourier_") for p in pts]
+    weights = None
+    if sim.labels is not None:
+        shares = {n: float(np.mean(labels == k)) for k, n in enumerate(names)}
+        fit = cd.reweight_folder(
+            out / "likelihood",
+            {"truth": shares, "chains": 4, "samples": 300, "warmup": 100, "plots": False},
+            overwrite=True,
+        )
+        weights = {
+            n: (
+                shares[n],
+                float(fit.map_weights[k]),
+                float(fit.intervals[0.025][k]),
+                float(fit.intervals[0.975][k]),
+            )
+            for k, n in enumerate(fit.components)
+        }
     plots = cd.plot_output_folder(out / "likelihood", out / "plots", raw / "truth.npz")
     seconds["matrices and plots"] = time.perf_counter() - t0
     summary = DemoSummary(
         m,
-        [p.stem.removeprefix("templates_fourier_") for p in pts],
-        float(np.mean(ll[0] > ll[1])),
+        names,
+        float(np.mean(ll[labels, np.arange(m)] > ll[1 - labels, np.arange(m)])),
         errors,
         seconds,
         report.poses_per_second,
         report.dashboard_link,
         plots,
         poses,
+        weights,
     )
     text = summary.table()
     (out / "summary.txt").write_text(text + "\n")

@@ -46,7 +46,9 @@ class Truth:
     give ``azimuth`` and ``polar`` (rad) instead, and ``template_index`` is None.
     ``rotation`` (rad) and ``displacement_x``/``_y`` (Å, template frame) follow the search's
     convention (spec §9). ``symmetry``: optional ``[G, 3, 3]`` rotations (model frame) under
-    which the structure is (nearly) unchanged, for errors up to symmetry.
+    which the structure is (nearly) unchanged, for errors up to symmetry. ``images``:
+    which images of the stack these are, when only some came from ``structure`` (a mixture);
+    None means all of them, in order.
     """
 
     structure: int
@@ -57,6 +59,7 @@ class Truth:
     azimuth: np.ndarray | None = None
     polar: np.ndarray | None = None
     symmetry: np.ndarray | None = None
+    images: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.template_index is None and (self.azimuth is None or self.polar is None):
@@ -119,7 +122,7 @@ class Truth:
             "displacement_y": self.displacement_y,
             "rotation": self.rotation,
         }
-        for name in ("template_index", "azimuth", "polar", "symmetry"):
+        for name in ("template_index", "azimuth", "polar", "symmetry", "images"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
         np.savez(p, **fields)
@@ -138,6 +141,7 @@ class Truth:
                 get("azimuth"),
                 get("polar"),
                 get("symmetry"),
+                get("images"),
             )
 
 

@@ -133,15 +133,16 @@ def plot_output_folder(
         t = Truth.load(truth)
         params = params_from_json(store.fingerprint["parameters"], str(store.path))
         k = t.structure
+        sel = slice(None) if t.images is None else np.asarray(t.images)  # a mixture's share
         errors = pose_errors(
             params.viewing_angles,
             store.n_inplanes,
             store.displacements,
             t,
-            np.asarray(g["optimal_template"][k]),
-            np.asarray(g["optimal_displacement_x"][k]),
-            np.asarray(g["optimal_displacement_y"][k]),
-            np.asarray(g["optimal_inplane_rotation"][k]),
+            np.asarray(g["optimal_template"][k])[sel],
+            np.asarray(g["optimal_displacement_x"][k])[sel],
+            np.asarray(g["optimal_displacement_y"][k])[sel],
+            np.asarray(g["optimal_inplane_rotation"][k])[sel],
         )
         made.append(plot_pose_errors(errors, target / "pose_errors.png"))
     return made

@@ -48,6 +48,12 @@ def test_demo_summary(tmp_path) -> None:
     assert np.median(summary.errors.modulo_symmetry.direction_deg) < (
         summary.errors.direction_step_deg
     )  # measured 7.4°
+    # a 70/30 mixture of the two structures: population weights with 95 % intervals
+    assert summary.weights is not None and len(summary.weights) == 2
+    assert abs(sum(t for t, *_ in summary.weights.values()) - 1) < 1e-12
+    assert abs(sum(w for _, w, *_ in summary.weights.values()) - 1) < 1e-9
+    for _true, w, lo, hi in summary.weights.values():
+        assert 0 < lo <= w <= hi < 1
     assert summary.dashboard_link and summary.dashboard_link.startswith("http")
     assert (tmp_path / "demo" / "summary.txt").read_text().count("\n") > 8
     names = sorted(p.name for p in (tmp_path / "demo" / "plots").glob("*.png"))
