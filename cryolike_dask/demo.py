@@ -10,9 +10,10 @@
    own astigmatic CTF and white noise, written as an MRC stack with a RELION STAR file.
 4. ``convert-particles`` on those files, as for real data.
 5. ``likelihood`` of every image against both structures on a local Dask cluster.
-6. Matrices (``stitch``), population weights (``reweight``), a summary and PNG plots. The summary sets the pose errors against
-   the grid steps and against the quantisation floor (the error of the nearest grid pose,
-   about half a step), which no search on these grids can beat.
+6. Matrices (``stitch``), population weights (``reweight``), a summary and PNG plots. The
+   summary sets the pose errors against the grid steps and against the quantisation floor
+   (the error of the nearest grid pose, about half a step), which no search on these grids
+   can beat.
 """
 
 from __future__ import annotations
