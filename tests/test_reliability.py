@@ -41,6 +41,27 @@ def ref_copy(reference_dir, tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    """The user's default path: a real LocalCluster with worker processes, which every
+    likelihood run of this module uses (``--scheduler-address``)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as c:
+        _CLUSTER["address"] = c.scheduler_address
+        yield c
+    _CLUSTER.clear()
+
+
+_CLUSTER: dict[str, str] = {}
+
+
+def _on_cluster() -> list[str]:
+    return ["--scheduler-address", _CLUSTER["address"]]
+
+
 def _likelihood(folder: Path, out: Path, *extra: str) -> int:
     return main(
         [
@@ -59,8 +80,7 @@ def _likelihood(folder: Path, out: Path, *extra: str) -> int:
             "3",
             "--n-displacements-y",
             "3",
-            "--scheduler",
-            "sync",
+            *_on_cluster(),
             "--no-progress",
             *extra,
         ]
@@ -77,10 +97,12 @@ def _snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-def _fails(capsys, code: int, *fragments: str) -> str:
-    err = capsys.readouterr().err
+def _fails(capfd, code: int, *fragments: str) -> str:
+    """Exit 2 and one clean message: no traceback, and no log line of distributed's (the
+    workers' processes write to this process's stderr, which ``capfd`` captures)."""
+    err = capfd.readouterr().err
     assert code == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "distributed." not in err, err
     for f in fragments:
         assert f in err, (f, err)
     return err
@@ -100,38 +122,38 @@ STACK1 = Path("particles") / "fft" / "particles_fourier_stack_000001"
 
 
 # ------------------------------------------------------------------------------ bad inputs
-def test_stack_grid_differs_from_parameters(ref_copy, tmp_path, capsys) -> None:
+def test_stack_grid_differs_from_parameters(ref_copy, tmp_path, capfd) -> None:
     _edit_npz(ref_copy / f"{STACK1}.npz", pixel_size=np.array([1.6, 1.6]))
     out = tmp_path / "out"
-    _fails(capsys, _likelihood(ref_copy, out), "particles_fourier_stack_000001.npz", "pixel_size")
+    _fails(capfd, _likelihood(ref_copy, out), "particles_fourier_stack_000001.npz", "pixel_size")
     assert not out.exists()
 
 
-def test_template_grid_differs(ref_copy, tmp_path, capsys) -> None:
+def test_template_grid_differs(ref_copy, tmp_path, capfd) -> None:
     t = torch.load(ref_copy / "templates" / "templates_fourier_1uao.pt")
     torch.save(t[:, :30], ref_copy / "templates" / "templates_fourier_1uao.pt")
     out = tmp_path / "out"
-    _fails(capsys, _likelihood(ref_copy, out), "templates_fourier_1uao.pt", "[S, 33, 64]")
+    _fails(capfd, _likelihood(ref_copy, out), "templates_fourier_1uao.pt", "[S, 33, 64]")
     assert not out.exists()
 
 
-def test_template_count_differs_from_viewing_directions(ref_copy, tmp_path, capsys) -> None:
+def test_template_count_differs_from_viewing_directions(ref_copy, tmp_path, capfd) -> None:
     t = torch.load(ref_copy / "templates" / "templates_fourier_1uao.pt")
     torch.save(t[:90], ref_copy / "templates" / "templates_fourier_1uao.pt")
-    _fails(capsys, _likelihood(ref_copy, tmp_path / "out"), "90 templates", "96 viewing")
+    _fails(capfd, _likelihood(ref_copy, tmp_path / "out"), "90 templates", "96 viewing")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     ("value", "message"), [(np.nan, "NaN or infinite"), (0.0, "all zeros (zero norm)")]
 )
-def test_bad_image_values_are_located(ref_copy, tmp_path, capsys, value, message) -> None:
+def test_bad_image_values_are_located(ref_copy, tmp_path, capfd, value, message) -> None:
     path = ref_copy / f"{STACK1}.pt"
     images = torch.load(path)
     images[5] = value
     torch.save(images, path)
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "out"),
         "particles_fourier_stack_000001.pt: image 5 (image 17 of the run)",
         message,
@@ -139,19 +161,19 @@ def test_bad_image_values_are_located(ref_copy, tmp_path, capsys, value, message
     assert not (tmp_path / "out").exists()
 
 
-def test_infinite_template_is_located(ref_copy, tmp_path, capsys) -> None:
+def test_infinite_template_is_located(ref_copy, tmp_path, capfd) -> None:
     path = ref_copy / "templates" / "templates_fourier_1uao.pt"
     t = torch.load(path)
     t[42, 3, 7] = complex(np.inf, 0)
     torch.save(t, path)
-    _fails(capsys, _likelihood(ref_copy, tmp_path / "out"), "template 42", "NaN or infinite")
+    _fails(capfd, _likelihood(ref_copy, tmp_path / "out"), "template 42", "NaN or infinite")
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_and_non_finite_lens_fields(ref_copy, tmp_path, capsys) -> None:
+def test_missing_and_non_finite_lens_fields(ref_copy, tmp_path, capfd) -> None:
     _edit_npz(ref_copy / f"{STACK1}.npz", defocusV=None)
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "a"),
         "particles_fourier_stack_000001.npz",
         "'defocusV'",
@@ -161,14 +183,14 @@ def test_missing_and_non_finite_lens_fields(ref_copy, tmp_path, capsys) -> None:
         defocusV=np.full(12, 9000.0),
         defocusU=np.r_[np.full(11, 9e3), np.inf],
     )
-    _fails(capsys, _likelihood(ref_copy, tmp_path / "b"), "'defocusU'", "non-finite", "image 11")
+    _fails(capfd, _likelihood(ref_copy, tmp_path / "b"), "'defocusU'", "non-finite", "image 11")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_extra_field_in_parameters_file(ref_copy, tmp_path, capsys) -> None:
+def test_extra_field_in_parameters_file(ref_copy, tmp_path, capfd) -> None:
     _edit_npz(ref_copy / "templates" / "parameters.npz", n_pixel=np.array([32, 32]))
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "out"),
         "parameters.npz",
         "unexpected field(s) n_pixel",
@@ -176,11 +198,11 @@ def test_extra_field_in_parameters_file(ref_copy, tmp_path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_truncated_and_corrupt_files(ref_copy, tmp_path, capsys) -> None:
+def test_truncated_and_corrupt_files(ref_copy, tmp_path, capfd) -> None:
     pt = ref_copy / f"{STACK1}.pt"
     pt.write_bytes(pt.read_bytes()[:500])
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "a"),
         "particles_fourier_stack_000001.pt",
         "not a readable .pt file",
@@ -188,7 +210,7 @@ def test_truncated_and_corrupt_files(ref_copy, tmp_path, capsys) -> None:
     npz = ref_copy / "particles" / "fft" / "particles_fourier_stack_000000.npz"
     npz.write_bytes(npz.read_bytes()[:100])
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "b"),
         "particles_fourier_stack_000000.npz",
         "not a readable .npz file",
@@ -196,7 +218,7 @@ def test_truncated_and_corrupt_files(ref_copy, tmp_path, capsys) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_corrupt_mrc(tmp_path, reference_dir, capsys) -> None:
+def test_corrupt_mrc(tmp_path, reference_dir, capfd) -> None:
     mrc = tmp_path / "broken.mrcs"
     mrc.write_bytes((reference_dir / "raw" / "particles.mrcs").read_bytes()[:2000])
     code = main(
@@ -213,11 +235,11 @@ def test_corrupt_mrc(tmp_path, reference_dir, capsys) -> None:
             "--no-progress",
         ]
     )
-    _fails(capsys, code, "broken.mrcs")
+    _fails(capfd, code, "broken.mrcs")
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_zarr_input(ref_copy, tmp_path, capsys) -> None:
+def test_corrupt_zarr_input(ref_copy, tmp_path, capfd) -> None:
     stores = tmp_path / "stores"
     params = ref_copy / "templates" / "parameters.npz"
     assert (
@@ -234,7 +256,7 @@ def test_corrupt_zarr_input(ref_copy, tmp_path, capsys) -> None:
         )
         == 0
     )
-    capsys.readouterr()
+    capfd.readouterr()
     (stores / "particles.zarr" / "zarr.json").write_text("{ not json")
     code = main(
         [
@@ -247,16 +269,15 @@ def test_corrupt_zarr_input(ref_copy, tmp_path, capsys) -> None:
             str(params),
             "--output",
             str(tmp_path / "out"),
-            "--scheduler",
-            "sync",
+            *_on_cluster(),
             "--no-progress",
         ]
     )
-    _fails(capsys, code, "particles.zarr", "not a readable Zarr group")
+    _fails(capfd, code, "particles.zarr", "not a readable Zarr group")
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_star_column_and_cs_field(tmp_path, reference_dir, data_dir, capsys) -> None:
+def test_missing_star_column_and_cs_field(tmp_path, reference_dir, data_dir, capfd) -> None:
     star = tmp_path / "p.star"
     text = (reference_dir / "raw" / "particles.star").read_text()
     star.write_text(text.replace("_rlnDefocusV #3", "_rlnDefocusX #3"))
@@ -275,7 +296,7 @@ def test_missing_star_column_and_cs_field(tmp_path, reference_dir, data_dir, cap
             "--no-progress",
         ]
     )
-    _fails(capsys, code, "p.star", "missing column rlnDefocusV")
+    _fails(capfd, code, "p.star", "missing column rlnDefocusV")
     cs = np.load(data_dir / "real" / "empiar_10076_7.cs")
     names = [n for n in cs.dtype.names if n != "ctf/df_angle_rad"]
     slim = np.empty(cs.shape, dtype=[(n, cs.dtype[n]) for n in names])
@@ -297,11 +318,11 @@ def test_missing_star_column_and_cs_field(tmp_path, reference_dir, data_dir, cap
             "--no-progress",
         ]
     )
-    _fails(capsys, code, "x.cs", "ctf/df_angle_rad")
+    _fails(capfd, code, "x.cs", "ctf/df_angle_rad")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_non_positive_and_conflicting_pixel_sizes(tmp_path, reference_dir, capsys) -> None:
+def test_non_positive_and_conflicting_pixel_sizes(tmp_path, reference_dir, capfd) -> None:
     code = main(
         [
             "make-params",
@@ -313,7 +334,7 @@ def test_non_positive_and_conflicting_pixel_sizes(tmp_path, reference_dir, capsy
             str(tmp_path / "p.npz"),
         ]
     )
-    _fails(capsys, code, "pixel_size")
+    _fails(capfd, code, "pixel_size")
     assert not (tmp_path / "p.npz").exists()
     star = tmp_path / "a.star"
     text = (reference_dir / "raw" / "particles.star").read_text()
@@ -341,19 +362,19 @@ def test_non_positive_and_conflicting_pixel_sizes(tmp_path, reference_dir, capsy
                 "--no-progress",
             ]
         )
-    _fails(capsys, code, "pixel size is 1.7 Å", "pixel_size is 1.5 Å")
+    _fails(capfd, code, "pixel size is 1.7 Å", "pixel_size is 1.5 Å")
     assert not (tmp_path / "out").exists()
 
 
-def test_indices_out_of_range(ref_copy, tmp_path, capsys) -> None:
+def test_indices_out_of_range(ref_copy, tmp_path, capfd) -> None:
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "a", "--i-template", "3"),
         "i_template 3 is out of range",
         "1uao",
     )
     _fails(
-        capsys,
+        capfd,
         _likelihood(ref_copy, tmp_path / "b", "--n-stacks", "4"),
         "4 particle stacks requested",
         "particles_fourier_stack_000002.pt",
@@ -361,36 +382,36 @@ def test_indices_out_of_range(ref_copy, tmp_path, capsys) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_unwritable_output(ref_copy, tmp_path, capsys) -> None:
+def test_unwritable_output(ref_copy, tmp_path, capfd) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    _fails(capsys, _likelihood(ref_copy, blocker / "out"), "a_file", "is a file")
-    _fails(capsys, _likelihood(ref_copy, blocker), "exists and is not a folder")
+    _fails(capfd, _likelihood(ref_copy, blocker / "out"), "a_file", "is a file")
+    _fails(capfd, _likelihood(ref_copy, blocker), "exists and is not a folder")
     assert blocker.read_text() == "not a folder"
 
 
-def test_earlier_outputs_untouched_by_a_failed_run(ref_copy, tmp_path, capsys) -> None:
+def test_earlier_outputs_untouched_by_a_failed_run(ref_copy, tmp_path, capfd) -> None:
     out = tmp_path / "out"
     assert _likelihood(ref_copy, out) == 0
     before = _snapshot(out)
     images = torch.load(ref_copy / f"{STACK1}.pt")
     images[0] = float("nan")
     torch.save(images, ref_copy / f"{STACK1}.pt")
-    capsys.readouterr()
+    capfd.readouterr()
     # the inputs changed: another run, refused before anything is read or written
-    _fails(capsys, _likelihood(ref_copy, out), "holds results of another run", "--overwrite")
+    _fails(capfd, _likelihood(ref_copy, out), "holds results of another run", "--overwrite")
     assert _snapshot(out) == before
     # asked to replace it, the run still checks the data before removing anything
-    _fails(capsys, _likelihood(ref_copy, out, "--overwrite"), "NaN or infinite")
+    _fails(capfd, _likelihood(ref_copy, out, "--overwrite"), "NaN or infinite")
     assert _snapshot(out) == before
 
 
-def test_inputs_are_not_overwritten(ref_copy, tmp_path, capsys) -> None:
+def test_inputs_are_not_overwritten(ref_copy, tmp_path, capfd) -> None:
     """make-templates, convert-particles, make-params and import refuse existing outputs."""
     params = ref_copy / "templates" / "parameters.npz"
     before = _snapshot(ref_copy)
     code = main(["make-params", "--n-pixels", "32", "--pixel-size", "1.5", "--output", str(params)])
-    _fails(capsys, code, "parameters.npz", "overwrite")
+    _fails(capfd, code, "parameters.npz", "overwrite")
     code = main(
         [
             "convert-particles",
@@ -405,7 +426,7 @@ def test_inputs_are_not_overwritten(ref_copy, tmp_path, capsys) -> None:
             "--no-progress",
         ]
     )
-    _fails(capsys, code, "particles_fourier_stack_000000.pt", "overwrite")
+    _fails(capfd, code, "particles_fourier_stack_000000.pt", "overwrite")
     assert _snapshot(ref_copy) == before
 
 
@@ -533,6 +554,8 @@ def test_worker_killed_mid_run(bigger, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_driver_sigkill_then_resume(bigger, tmp_path) -> None:
+    """The driver (a CLI process on a running LocalCluster, as on HPC) is SIGKILLed
+    part-way; a rerun with --skip-exist on the same cluster finishes the run exactly."""
     args, reference = bigger
     out = tmp_path / "out"
     cmd = [
@@ -542,8 +565,7 @@ def test_driver_sigkill_then_resume(bigger, tmp_path) -> None:
         *args,
         "--output",
         str(out),
-        "--scheduler",
-        "sync",
+        *_on_cluster(),
         "--max-tasks-per-graph",
         "3",
     ]
