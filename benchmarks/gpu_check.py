@@ -555,13 +555,10 @@ def n_displacements(side: int) -> int:
 
 
 def kernel_plan(n_shells: int, n_inplanes: int, n_d: int, device: str) -> Any:
-    """``kernel_memory`` for ``device`` (older signatures without ``device`` too)."""
+    """The kernel's memory model (``kernel_memory``) for ``device``."""
     from cryolike_dask.kernels.cross_correlation import kernel_memory
 
-    try:
-        return kernel_memory(n_shells, n_inplanes, n_d, "single", device=device)
-    except TypeError:
-        return kernel_memory(n_shells, n_inplanes, n_d, "single")
+    return kernel_memory(n_shells, n_inplanes, n_d, "single", device=device)
 
 
 def step_shape(

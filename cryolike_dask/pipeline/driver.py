@@ -376,11 +376,11 @@ def _done(done_row: np.ndarray, start: int, stop: int, bits: int) -> bool:
     return bool(np.all((done_row[start:stop] & bits) == bits))
 
 
-def _stacks_touching(run: LikelihoodRun, start: int, stop: int) -> range:
-    """Indices of the stacks with images in ``[start, stop)`` (stacks are ordered)."""
+def _stacks_touching(starts: list[int], start: int, stop: int) -> range:
+    """Indices of the stacks (first images ``starts``, in order) with images in
+    ``[start, stop)``."""
     import bisect
 
-    starts = [s.start for s in run.images.stacks]
     first = max(0, bisect.bisect_right(starts, start) - 1)
     last = bisect.bisect_left(starts, stop)
     return range(first, min(last, len(starts)))
@@ -412,13 +412,17 @@ def _execute(
     memory_bytes: int | None,
     progress: bool,
     stop_after_batches: int | None,
+    fp: dict | None = None,
+    state: str | None = None,
 ) -> RunReport:
+    """:func:`execute` after validation, with the lock held (``fp``/``state``: the
+    fingerprint and output-folder state when the caller has them already)."""
     t_start = time.perf_counter()
     workers = describe_workers(client) if client is not None else None
     run = dataclasses.replace(run, device=resolve_device(run.device, client, workers))
     report = RunReport()
-    fp = fingerprint(run)
-    state = check_output_folder(run, fp)
+    fp = fp if fp is not None else fingerprint(run)
+    state = state if state is not None else check_output_folder(run, fp)
     # on a cluster that mixes GPU and CPU workers, GPU work goes to the GPU workers only
     gpus = gpu_workers(workers) if (workers and run.device == "gpu") else []
     restrict = gpus if gpus and len(gpus) < len(workers) else None
@@ -458,6 +462,7 @@ def _execute(
     bits = run.request.bits
     image_ranges = plan.image_ranges()
     graphs = 0
+    starts = [info.start for info in run.images.stacks]
     for k in run.structures:
         n_t = run.templates.n_templates(k)
         t_ranges = [
@@ -505,7 +510,7 @@ def _execute(
                         row[a:e] |= np.uint8(bits)
                     computed.update(units[i])
                     if run.export_pt:  # only the stacks this unit touched can have completed
-                        touched = _stacks_touching(run, ranges[0][0], ranges[-1][1])
+                        touched = _stacks_touching(starts, ranges[0][0], ranges[-1][1])
                         _export_ready(
                             run, results, plan, layout, k, fp, exported, computed, report,
                             row, touched,
@@ -580,13 +585,14 @@ def run_likelihood(
     validate(run)
     cluster = cluster or ClusterOptions()
     with output_lock(run.output):  # one writer per folder, before a cluster starts
-        check_output_folder(run, fingerprint(run))
+        fp = fingerprint(run)
+        state = check_output_folder(run, fp)
         hint = run.device if run.device != "auto" else resolve_device("auto")
         with get_client(cluster, hint, client) as c:
             link = getattr(c, "dashboard_link", None) if c is not None else None
             link = link if cluster.dashboard else None
             if link:
                 logger.info("Dask dashboard: %s", link)
-            report = execute(run, c, scheduler=cluster.scheduler, progress=progress)
+            report = _execute(run, c, cluster.scheduler, None, progress, None, fp=fp, state=state)
             report.dashboard_link = link
     return report

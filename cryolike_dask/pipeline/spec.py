@@ -224,8 +224,12 @@ def differences(stored: dict[str, Any], fp: dict[str, Any]) -> list[str]:
     return out
 
 
-def validate(run: LikelihoodRun) -> None:
-    """Check the run before any work starts; raise :class:`RunConfigurationError`."""
+def validate(run: LikelihoodRun, *, headers: bool = True) -> None:
+    """Check the run before any work starts; raise :class:`RunConfigurationError`.
+
+    ``headers``: also read every input file's header (shapes, dtypes, counts); the executors
+    do that once, just before a cluster starts.
+    """
     if not run.structures:
         raise RunConfigurationError("no structure (template file) selected")
     for k in run.structures:
@@ -239,8 +243,9 @@ def validate(run: LikelihoodRun) -> None:
         raise RunConfigurationError("templates and images use different grids: " + "; ".join(diffs))
     if run.images.n_images < 1:
         raise RunConfigurationError("no images to process")
-    run.templates.check_headers(run.structures)
-    run.images.check_headers()
+    if headers:
+        run.templates.check_headers(run.structures)
+        run.images.check_headers()
     check_device(run.device)
     Precision.parse(run.precision)
     if run.skip_exist and run.overwrite:
@@ -335,7 +340,8 @@ class LikelihoodOptions(BaseModel):
         params: ImageParameters,
         output: str | os.PathLike | None,
     ) -> LikelihoodRun:
-        """Open the inputs (paths or sources) and describe the run; :func:`validate` it."""
+        """Open the inputs (paths or sources) and describe the run; :func:`validate` its
+        options (the files' headers are checked when it runs)."""
         from cryolike_dask.io.sources import open_particles, open_templates
 
         if not isinstance(templates, TemplateSource):
@@ -372,7 +378,7 @@ class LikelihoodOptions(BaseModel):
             export_pt=self.export_pt,
             max_tasks=self.max_tasks_per_graph,
         )
-        validate(run)
+        validate(run, headers=False)  # the file headers are read once, when it runs
         return run
 
 

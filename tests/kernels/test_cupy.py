@@ -5,52 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cryolike_dask.grids import DisplacementGrid, PolarGrid
 from cryolike_dask.kernels import (
     BlockOutputs,
     LikelihoodConstants,
     array_module,
     correlate_block,
-    ctf_polar,
     optimal_pose_log_likelihood,
     prepare_images,
     prepare_templates,
     to_host,
-    translation_kernel,
 )
-from tests.conftest import random_hermitian_stack
+from tests.kernels.device_inputs import DEVICE_BOX, device_inputs
 
 pytestmark = pytest.mark.gpu
-BOX = 48.0
-
-
-def _inputs(xp):
-    rng = np.random.default_rng(5)
-    grid = PolarGrid.from_image_size(32, n_inplanes=64)
-    t = random_hermitian_stack(rng, 12, grid.n_shells, 64)
-    y = random_hermitian_stack(rng, 9, grid.n_shells, 64)
-    disp = DisplacementGrid.from_search(1.5, 3, 3, 1.5)
-    u = xp.asarray(rng.uniform(8e3, 2e4, 9))
-    ctf = ctf_polar(
-        u,
-        u * 0.95,
-        xp.asarray(rng.uniform(0, 3, 9)),
-        xp.zeros(9),
-        voltage_kv=300,
-        spherical_aberration_mm=2.7,
-        amplitude_contrast=0.1,
-        radii=grid.radii,
-        theta=grid.theta,
-        box_size=BOX,
-    )
-    kernel = translation_kernel(
-        xp.asarray(grid.x_points),
-        xp.asarray(grid.y_points),
-        xp.asarray(disp.x),
-        xp.asarray(disp.y),
-        BOX,
-    )
-    return grid, disp, xp.asarray(t), xp.asarray(y), ctf, kernel
+BOX = DEVICE_BOX
 
 
 @pytest.mark.parametrize(("precision", "tol"), [("single", 2e-6), ("double", 1e-12)])
@@ -61,7 +29,7 @@ def test_cupy_equals_numpy(precision: str, tol: float) -> None:
     )
     results = {}
     for xp in (np, cupy):
-        grid, _disp, t, y, ctf, kernel = _inputs(xp)
+        grid, _disp, t, y, ctf, kernel = device_inputs(xp)
         assert array_module(ctf) is xp
         pt = prepare_templates(t, kernel, grid, precision)
         pi = prepare_images(y, ctf, grid, precision)
@@ -88,7 +56,7 @@ def test_cupy_optimal_pose_likelihood() -> None:
     cupy = pytest.importorskip("cupy")
     outs = []
     for xp in (np, cupy):
-        grid, disp, t, y, ctf, _ = _inputs(xp)
+        grid, disp, t, y, ctf, _ = device_inputs(xp)
         idx = xp.arange(9) % 12
         outs.append(
             optimal_pose_log_likelihood(

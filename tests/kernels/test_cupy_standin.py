@@ -20,21 +20,18 @@ import sys
 import numpy as np
 import pytest
 
-from cryolike_dask.grids import DisplacementGrid, PolarGrid
 from cryolike_dask.kernels import (
     BlockOutputs,
     LikelihoodConstants,
     array_module,
     correlate_block,
-    ctf_polar,
     has_gpu,
     optimal_pose_log_likelihood,
     prepare_images,
     prepare_templates,
     to_host,
-    translation_kernel,
 )
-from tests.conftest import random_hermitian_stack
+from tests.kernels.device_inputs import DEVICE_BOX, device_inputs
 from tests.standin import (
     DEFAULT_MEMORY_BYTES,
     STANDIN_PATH,
@@ -43,41 +40,11 @@ from tests.standin import (
     standin_environ,
 )
 
-BOX = 48.0
+BOX = DEVICE_BOX
 NUMPY_REFUSED = re.escape("Unsupported type <class 'numpy.ndarray'>")
 TWO_GPUS = pytest.mark.parametrize(
     "cupy_standin", [{"n_gpus": 2, "visible_devices": "1,0"}], indirect=True
 )
-
-
-def _inputs(xp):
-    """The inputs of ``test_cupy.py``, on the array module ``xp``."""
-    rng = np.random.default_rng(5)
-    grid = PolarGrid.from_image_size(32, n_inplanes=64)
-    t = random_hermitian_stack(rng, 12, grid.n_shells, 64)
-    y = random_hermitian_stack(rng, 9, grid.n_shells, 64)
-    disp = DisplacementGrid.from_search(1.5, 3, 3, 1.5)
-    u = xp.asarray(rng.uniform(8e3, 2e4, 9))
-    ctf = ctf_polar(
-        u,
-        u * 0.95,
-        xp.asarray(rng.uniform(0, 3, 9)),
-        xp.zeros(9),
-        voltage_kv=300,
-        spherical_aberration_mm=2.7,
-        amplitude_contrast=0.1,
-        radii=grid.radii,
-        theta=grid.theta,
-        box_size=BOX,
-    )
-    kernel = translation_kernel(
-        xp.asarray(grid.x_points),
-        xp.asarray(grid.y_points),
-        xp.asarray(disp.x),
-        xp.asarray(disp.y),
-        BOX,
-    )
-    return grid, disp, xp.asarray(t), xp.asarray(y), ctf, kernel
 
 
 def _public(namespace) -> set[str]:
@@ -334,9 +301,9 @@ def test_worker_process_imports_the_standin() -> None:
 def test_ctf_and_translation_kernel_equal_numpy(cupy_standin) -> None:
     cp = cupy_standin
     cp._standin.reset()
-    *_, ctf_np, kernel_np = _inputs(np)
+    *_, ctf_np, kernel_np = device_inputs(np)
     assert cp._standin.stats()["device_calls"] == 0  # the NumPy path never touches the device
-    *_, ctf, kernel = _inputs(cp)
+    *_, ctf, kernel = device_inputs(cp)
     assert isinstance(ctf, cp.ndarray) and isinstance(kernel, cp.ndarray)
     assert ctf.dtype == ctf_np.dtype and kernel.dtype == kernel_np.dtype
     np.testing.assert_allclose(to_host(ctf), ctf_np, rtol=1e-12, atol=1e-15)
@@ -351,7 +318,7 @@ def test_correlate_block_equals_numpy(cupy_standin, precision: str, tol: float) 
     )
     results = {}
     for xp in (np, cp):
-        grid, _disp, t, y, ctf, kernel = _inputs(xp)
+        grid, _disp, t, y, ctf, kernel = device_inputs(xp)
         cp._standin.reset()
         pt = prepare_templates(t, kernel, grid, precision)
         pi = prepare_images(y, ctf, grid, precision)
@@ -393,7 +360,7 @@ def test_optimal_pose_likelihood_equals_numpy(cupy_standin) -> None:
     cp = cupy_standin
     outs = []
     for xp in (np, cp):
-        grid, disp, t, y, ctf, _ = _inputs(xp)
+        grid, disp, t, y, ctf, _ = device_inputs(xp)
         idx = xp.arange(9) % 12
         outs.append(
             optimal_pose_log_likelihood(
