@@ -445,6 +445,13 @@ def _dtype(q: Quantity, real_dtype: np.dtype) -> np.dtype:
     return np.dtype(np.int64) if q.kind == "int" else np.dtype(real_dtype)
 
 
+def done_chunk(n_images: int, image_block: int) -> int:
+    """Images per chunk of the done mask: whole image blocks, about 64 KiB, so marking a
+    block rewrites one small chunk and reading a row stays a few hundred reads."""
+    blocks = max(1, 2**16 // max(1, image_block))
+    return max(1, min(n_images, blocks * image_block))
+
+
 def _write_coord(group: zarr.Group, name: str, values: np.ndarray, dim: str) -> None:
     values = np.asarray(values)
     dtype: Any = str if values.dtype.kind in "UO" else values.dtype
@@ -530,7 +537,7 @@ class ResultsStore:
         book.create_array(
             "done",
             shape=(n_s, n_images),
-            chunks=(1, min(n_images, 2**20)),
+            chunks=(1, done_chunk(n_images, image_block)),
             dtype="uint8",
             fill_value=0,
             dimension_names=("structure", "image"),
@@ -582,10 +589,11 @@ class ResultsStore:
         starts = np.arange(0, self.n_images, self.image_block)
         return np.bitwise_and.reduceat(full, starts, axis=1)
 
-    def mark_done(self, structure: int, ranges: list[tuple[int, int]], bits: int) -> None:
-        """Set ``bits`` for the images of ``ranges`` (driver only)."""
+    def write_done(self, structure: int, ranges: list[tuple[int, int]], row: np.ndarray) -> None:
+        """Write the done bits of ``ranges`` from ``row`` (the structure's whole ``[M]`` row,
+        kept by the driver, the only writer): no read-back of the chunk."""
         for a, b in ranges:
-            self._done[structure, a:b] = self.done_images(structure, a, b) | np.uint8(bits)
+            self._done[structure, a:b] = row[a:b]
 
     def clear_done(self, structure: int, start: int, stop: int, bits: int = 0xFF) -> None:
         """Clear ``bits`` for images ``[start, stop)`` (driver only)."""

@@ -17,15 +17,16 @@ never mix in one folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 
 from cryolike_dask.io.cryolike import OutputLayout
@@ -44,8 +45,8 @@ from cryolike_dask.pipeline.cluster import (
     resolve_device,
     worker_memory,
 )
-from cryolike_dask.pipeline.executor import Executor, when_done
-from cryolike_dask.pipeline.graph import BatchGraph, build_batch_graph
+from cryolike_dask.pipeline.executor import Batch, Executor
+from cryolike_dask.pipeline.graph import build_batch_graph, store_units
 from cryolike_dask.pipeline.spec import (
     InputDataError,
     LikelihoodRun,
@@ -61,6 +62,8 @@ from cryolike_dask.precision import Precision
 RESULTS_NAME = "results.zarr"
 #: At most this many separately tracked units (progress, done marks) per batch.
 MAX_UNITS_PER_BATCH = 256
+#: Batches submitted at once: the next is built and submitted while the current one runs.
+BATCHES_IN_FLIGHT = 2
 
 logger = logging.getLogger(__name__)
 
@@ -337,37 +340,6 @@ def _units(blocks: list[int]) -> list[list[int]]:
     return [blocks[i : i + size] for i in range(0, len(blocks), size)]
 
 
-def _store_unit(
-    graph: BatchGraph,
-    results: ResultsStore,
-    structure: int,
-    batch: list[int],
-    unit: list[int],
-    run: LikelihoodRun,
-    image_ranges: list[tuple[int, int]],
-) -> Any:
-    """A delayed that stores the outputs of ``unit`` (consecutive blocks of ``batch``)."""
-    offsets, offset = {}, 0
-    for b in batch:
-        a, e = image_ranges[b]
-        offsets[b] = (offset, offset + e - a, a, e)
-        offset += e - a
-    sources, targets, regions = [], [], []
-    for b in unit:
-        lo, hi, a, e = offsets[b]
-        for q in run.request.quantities:
-            arr = graph.outputs[q.name][lo:hi]
-            if q.scope == "image":
-                sources.append(arr[None, :])
-                targets.append(results.array(q))
-                regions.append((slice(structure, structure + 1), slice(a, e)))
-            else:
-                sources.append(arr)
-                targets.append(results.array(q, structure))
-                regions.append((slice(a, e),) + (slice(None),) * (arr.ndim - 1))
-    return when_done(da.store(sources, targets, regions=regions, lock=False, compute=False))
-
-
 def _stack_blocks(plan: planning.BlockPlan, start: int, stop: int) -> list[int]:
     return list(range(start // plan.image_block, -(-stop // plan.image_block)))
 
@@ -459,81 +431,142 @@ def _execute(
     if run.export_pt:
         write_displacements(layout, run.displacements.as_array())
     settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
-    bits = run.request.bits
     image_ranges = plan.image_ranges()
-    graphs = 0
-    starts = [info.start for info in run.images.stacks]
-    for k in run.structures:
-        n_t = run.templates.n_templates(k)
-        t_ranges = [
-            (a, min(n_t, a + plan.template_block)) for a in range(0, n_t, plan.template_block)
-        ]
-        if not run.skip_exist:
-            results.clear_done(k, 0, run.images.n_images, bits)
-        # the done bits of this structure, kept in memory: the driver is their only writer
-        done_row = results.done_images(k, 0, run.images.n_images)
-        pending = [b for b, (a, e) in enumerate(image_ranges) if not _done(done_row, a, e, bits)]
-        report.blocks_skipped += len(image_ranges) - len(pending)
-        exported: set[int] = set()
-        computed: set[int] = set()
-        label = f"likelihood {run.templates.names[k]!r}"
-        with Progress(len(pending) * len(t_ranges), label, "kernel block", progress) as bar:
-            for batch in plan.batches(pending):
+    bars: list[Progress] = []
+
+    def batches() -> Iterator[Batch]:
+        """The run's batches, structure after structure, each built only when the executor
+        asks for it (while the batch before it is still running)."""
+        graphs = 0
+        for k in run.structures:
+            st = _Structure(run, results, plan, layout, k, fp, report, progress)
+            bars.append(st.bar)
+            todo = plan.batches(st.pending)
+            for j, batch in enumerate(todo):
                 if stop_after_batches is not None and graphs >= stop_after_batches:
-                    report.seconds = time.perf_counter() - t_start
-                    return report
+                    return
                 graph = build_batch_graph(
                     settings,
                     run.templates,
                     k,
                     run.images,
                     [image_ranges[b] for b in batch],
-                    t_ranges,
+                    st.t_ranges,
                     run.request,
                     split_every=plan.split_every,
                 )
-                units = _units(batch)
-                stored = [
-                    (
-                        _store_unit(graph, results, k, batch, u, run, image_ranges),
-                        len(u) * len(t_ranges),
-                    )
-                    for u in units
-                ]
-
-                def finished(
-                    i: int, k=k, units=units, exported=exported, computed=computed, row=done_row
-                ):
-                    ranges = [image_ranges[b] for b in units[i]]
-                    results.mark_done(k, ranges, bits)
-                    for a, e in ranges:
-                        row[a:e] |= np.uint8(bits)
-                    computed.update(units[i])
-                    if run.export_pt:  # only the stacks this unit touched can have completed
-                        touched = _stacks_touching(starts, ranges[0][0], ranges[-1][1])
-                        _export_ready(
-                            run, results, plan, layout, k, fp, exported, computed, report,
-                            row, touched,
-                        )  # fmt: skip
-
-                t0 = time.perf_counter()
-                executor.run(stored, label, bar=bar, on_done=finished)
-                report.compute_seconds += time.perf_counter() - t0
+                units = _units(list(range(len(batch))))
+                stored = store_units(graph, run.request, st.targets, units)
+                weights = [len(u) * len(st.t_ranges) for u in units]
                 graphs += 1
-                report.graphs += 1
-                report.kernel_tasks += graph.n_kernel_tasks
-                report.blocks_computed += len(batch)
-                m = sum(image_ranges[b][1] - image_ranges[b][0] for b in batch)
-                report.pose_evaluations += (
-                    float(m) * n_t * run.displacements.n_displacements * run.parameters.n_inplanes
+                yield Batch(
+                    list(zip(stored, weights, strict=True)),
+                    st.bar,
+                    functools.partial(st.unit_done, [[batch[u] for u in unit] for unit in units]),
+                    functools.partial(st.batch_done, batch, j == len(todo) - 1),
                 )
-        if run.export_pt:
-            every = range(len(run.images.stacks))
-            _export_ready(
-                run, results, plan, layout, k, fp, exported, computed, report, done_row, every
-            )
+            if not todo:
+                st.finish()
+
+    t0 = time.perf_counter()
+    try:
+        executor.run_batches(batches(), depth=BATCHES_IN_FLIGHT)
+    finally:
+        for bar in bars:
+            bar.close()
+    report.compute_seconds += time.perf_counter() - t0
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+class _Structure:
+    """The driver's state for one structure: its done bits (kept in memory; the driver is
+    their only writer), its progress display, what it has computed and exported."""
+
+    def __init__(
+        self,
+        run: LikelihoodRun,
+        results: ResultsStore,
+        plan: planning.BlockPlan,
+        layout: OutputLayout,
+        k: int,
+        fp: dict,
+        report: RunReport,
+        progress: bool,
+    ):
+        self.run, self.results, self.plan, self.layout = run, results, plan, layout
+        self.k, self.fp, self.report = k, fp, report
+        self.bits = run.request.bits
+        self.image_ranges = plan.image_ranges()
+        self.n_t = run.templates.n_templates(k)
+        tb = plan.template_block
+        self.t_ranges = [(a, min(self.n_t, a + tb)) for a in range(0, self.n_t, tb)]
+        self.targets = _targets(results, run, k)
+        self.starts = [info.start for info in run.images.stacks]
+        n = run.images.n_images
+        if not run.skip_exist:
+            results.clear_done(k, 0, n, self.bits)
+        self.done_row = results.done_images(k, 0, n)
+        row, bits = self.done_row, self.bits
+        self.pending = [
+            b for b, (a, e) in enumerate(self.image_ranges) if not _done(row, a, e, bits)
+        ]
+        report.blocks_skipped += len(self.image_ranges) - len(self.pending)
+        self.exported: set[int] = set()
+        self.computed: set[int] = set()
+        label = f"likelihood {run.templates.names[k]!r}"
+        self.bar = Progress(len(self.pending) * len(self.t_ranges), label, "kernel block", progress)
+
+    def unit_done(self, units: list[list[int]], i: int) -> None:
+        """Unit ``i`` (blocks ``units[i]``) is stored: mark it done, export completed stacks."""
+        ranges = [self.image_ranges[b] for b in units[i]]
+        for a, e in ranges:
+            self.done_row[a:e] |= np.uint8(self.bits)
+        self.results.write_done(self.k, ranges, self.done_row)
+        self.computed.update(units[i])
+        if self.run.export_pt:  # only the stacks this unit touched can have completed
+            self._export(_stacks_touching(self.starts, ranges[0][0], ranges[-1][1]))
+
+    def batch_done(self, batch: list[int], last: bool) -> None:
+        """Every unit of ``batch`` is stored (``last``: the structure's last batch)."""
+        report, run = self.report, self.run
+        report.graphs += 1
+        report.kernel_tasks += len(batch) * len(self.t_ranges)
+        report.blocks_computed += len(batch)
+        m = sum(self.image_ranges[b][1] - self.image_ranges[b][0] for b in batch)
+        poses_per_image = self.n_t * run.displacements.n_displacements * run.parameters.n_inplanes
+        report.pose_evaluations += float(m) * poses_per_image
+        if last:
+            self.finish()
+
+    def finish(self) -> None:
+        """The structure is done: close its display, export whatever is left to export."""
+        self.bar.close()
+        if self.run.export_pt:
+            self._export(range(len(self.run.images.stacks)))
+
+    def _export(self, candidates: Any) -> None:
+        _export_ready(
+            self.run,
+            self.results,
+            self.plan,
+            self.layout,
+            self.k,
+            self.fp,
+            self.exported,
+            self.computed,
+            self.report,
+            self.done_row,
+            candidates,
+        )
+
+
+def _targets(results: ResultsStore, run: LikelihoodRun, structure: int) -> dict[str, Any]:
+    """The results-store array each requested quantity of ``structure`` is written to."""
+    return {
+        q.name: results.array(q) if q.scope == "image" else results.array(q, structure)
+        for q in run.request.quantities
+    }
 
 
 def _export_ready(

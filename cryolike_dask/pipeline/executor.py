@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -40,6 +41,28 @@ def when_done(collections: Any) -> Any:
         name, {name: (_nothing, *keys)}, dependencies=list(collections)
     )
     return Delayed(name, graph)
+
+
+@dataclass
+class Batch:
+    """One graph's worth of tracked units for :meth:`Executor.run_batches`.
+
+    Attributes
+    ----------
+    units : list of (delayed, weight)
+        What to compute; ``weight`` progress units each (e.g. kernel blocks).
+    bar : Progress or None
+        The display the weights count on.
+    on_done : callable, optional
+        ``on_done(i)`` in the driver once unit ``i`` has finished (completion order).
+    on_complete : callable, optional
+        Called once every unit of the batch has finished.
+    """
+
+    units: list[tuple[Any, int]]
+    bar: Progress | None = None
+    on_done: Callable[[int], None] | None = None
+    on_complete: Callable[[], None] | None = None
 
 
 class Executor:
@@ -91,17 +114,36 @@ class Executor:
         if bar is None:
             bar = Progress(sum(w for _, w in units), label, unit, self.progress)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", da.PerformanceWarning)
-                if self.client is None:
-                    self._run_local(units, bar, on_done)
-                else:
-                    self._run_distributed(units, bar, on_done)
+            self.run_batches([Batch(list(units), bar, on_done)])
         finally:
             if own:
                 bar.close()
 
-    def _run_local(self, units, bar: Progress, on_done) -> None:
+    def run_batches(self, batches: Iterable[Batch], *, depth: int = 2) -> int:
+        """Run ``batches`` in order, keeping up to ``depth`` of them submitted at once.
+
+        The next batch is taken from ``batches`` (which may build it only then) and
+        submitted while the earlier ones are still running, so the cluster never drains
+        between batches: graph building, submission and the scheduler's intake of batch
+        ``k + 1`` overlap the compute of batch ``k``, and its tasks fill the workers that
+        batch ``k``'s last wave leaves idle (the scheduler runs earlier graphs first). Each
+        batch's ``on_complete`` is called once all its units are done, after the next batch
+        has been submitted. On a local scheduler the batches run one after another.
+        Returns the number of batches run.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", da.PerformanceWarning)
+            if self.client is None:
+                n = 0
+                for batch in batches:
+                    self._run_local(batch.units, batch.bar, batch.on_done)
+                    if batch.on_complete is not None:
+                        batch.on_complete()
+                    n += 1
+                return n
+            return self._run_pipelined(iter(batches), max(1, depth))
+
+    def _run_local(self, units, bar: Progress | None, on_done) -> None:
         from dask.callbacks import Callback
 
         collections = [c for c, _ in units]
@@ -110,7 +152,7 @@ class Executor:
             weights[c.key] = weights.get(c.key, 0) + w
 
         def posttask(key, result, dsk, state, worker_id):
-            if key in weights:
+            if key in weights and bar is not None:
                 bar.update(weights[key])
 
         with Callback(posttask=posttask):
@@ -119,19 +161,59 @@ class Executor:
             for i in range(len(units)):
                 on_done(i)
 
-    def _run_distributed(self, units, bar: Progress, on_done) -> None:
-        futures = self.client.compute([c for c, _ in units], workers=self.workers)
-        index = {f.key: i for i, f in enumerate(futures)}
+    def _run_pipelined(self, batches: Iterator[Batch], depth: int) -> int:
+        pending: list[tuple[Any, list, int]] = []  # (future, [batch, units left], unit)
+        in_flight = [0]
+        submitted = [0]
 
-        def finished(future: Any) -> None:
+        def top_up() -> None:
+            while in_flight[0] < depth:
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                if not batch.units:
+                    if batch.on_complete is not None:
+                        batch.on_complete()
+                    continue
+                futures = self.client.compute([c for c, _ in batch.units], workers=self.workers)
+                state = [batch, len(futures)]
+                pending.extend((f, state, i) for i, f in enumerate(futures))
+                in_flight[0] += 1
+                submitted[0] += 1
+
+        def finished(entry: tuple[Any, list, int]) -> None:
+            future, state, i = entry
             future.result()  # raises the task's error
-            i = index[future.key]
-            bar.update(units[i][1])
-            if on_done is not None:
-                on_done(i)
+            batch = state[0]
+            if batch.bar is not None:
+                batch.bar.update(batch.units[i][1])
+            if batch.on_done is not None:
+                batch.on_done(i)
             future.release()
+            state[1] -= 1
+            if state[1] == 0:
+                in_flight[0] -= 1
+                top_up()  # the next batch first: it should not wait for this one's finish
+                if batch.on_complete is not None:
+                    batch.on_complete()
 
-        self._drain(futures, finished)
+        try:
+            top_up()
+            while pending:
+                if interrupted():
+                    raise KeyboardInterrupt
+                done = [e for e in pending if e[0].done()]
+                if not done:
+                    time.sleep(0.05)
+                    continue
+                ids = {id(e) for e in done}
+                pending[:] = [e for e in pending if id(e) not in ids]
+                for entry in done:
+                    finished(entry)
+        except BaseException:
+            self.client.cancel([e[0] for e in pending])
+            raise
+        return submitted[0]
 
     def _drain(self, futures: list, finished: Callable[[Any], None]) -> None:
         """Hand each future to ``finished`` as it completes; cancel the rest on any error or

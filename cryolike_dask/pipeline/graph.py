@@ -2,26 +2,35 @@
 
 ::
 
-    load-images[i] ─► cc-kernel[t, i] ─► partial[t, i] ─► best-pose[i]  (tree over t)
-                             │                                  │
-                             ├─► per-template[i, t] (optional)  ├─► poses[i]
-                             └─► full[i, t, d, w]   (optional)  └─► optimal-ll[i] (optional)
+    load-images[i] ─► cc-kernel[t, i] ─► best-pose[i]  (over t, a tree past split_every)
+                             │                │
+                             │                ├─► optimal-ll[i]      (optional)
+                             │                └─► store-images[i]    (the driver's writes)
+                             └─► store-templates[t, i] (per-template / full tensor, optional)
 
 Built lazily from block indices only (no data in the graph); the data are read inside the
-tasks. Reduction over template blocks uses ``dask.array.reduction`` with the associative
-(best, pose, log-sum) monoid, never a blockwise contraction (which would concatenate all
-templates into one task).
+tasks. The reduction over template blocks uses the associative (best, pose, log-sum) monoid
+of :mod:`cryolike_dask.kernels.reduction`; its leaves take the kernel results directly, so a
+block costs one load, one kernel per template block, one reduction and one store task (seven
+tasks for four template blocks), which keeps the scheduler's per-task cost small at many
+workers.
+
+:func:`build_batch_graph` gives the lazy outputs (dask arrays, what
+:func:`cryolike_dask.likelihood` returns); :func:`store_units` adds the tasks that write a
+batch's outputs straight into the results store, one per image block, without
+materialising the output arrays as dask chunks.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.kernels.reduction import reduce_packed
@@ -32,7 +41,7 @@ from cryolike_dask.precision import Precision
 
 @dataclass(frozen=True)
 class BatchGraph:
-    """Lazy outputs of one batch, keyed by quantity name (rows of
+    """One batch: its task graph and its lazy outputs, keyed by quantity name (rows of
     :data:`~cryolike_dask.io.outputs.OUTPUTS` selected by the request).
 
     Attributes
@@ -43,57 +52,75 @@ class BatchGraph:
     n_kernel_tasks : int
     kernel_name : str
         Key prefix of the kernel tasks (progress counts them).
+    graph : HighLevelGraph
+        Loads, kernels, reduction and optimal-pose likelihood (no output layers).
+    names : dict of str to str
+        Layer names: ``load``, ``kernel``, ``reduced``, ``optimal_ll`` (when requested).
+    image_ranges, template_ranges : tuple of (start, stop)
+        The batch's image blocks and the structure's template blocks.
+    settings : KernelSettings
+    structure : int
     """
 
     outputs: dict[str, da.Array]
     n_kernel_tasks: int
     kernel_name: str
+    graph: HighLevelGraph
+    names: dict[str, str]
+    image_ranges: tuple[tuple[int, int], ...]
+    template_ranges: tuple[tuple[int, int], ...]
+    settings: tasks.KernelSettings
+    structure: int
+
+    @property
+    def n_tasks(self) -> int:
+        """Tasks of the batch's own layers (loads, kernels, reduction, optimal likelihood)."""
+        return sum(len(layer) for layer in self.graph.layers.values())
 
 
-def _one(value: Any, ndim: int) -> np.ndarray:
-    out = np.empty((1,) * ndim, dtype=object)
-    out[(0,) * ndim] = value
-    return out
+# ------------------------------------------------------------------------------ task bodies
+# Module-level functions that look ``tasks.*`` up when they run, so the graph holds names,
+# not data, and a benchmark may replace a task body in-process.
+def _load(source: ImageSource, start: int, stop: int) -> tasks.ImageBlock:
+    return tasks.load_image_block(source, start, stop)
 
 
-def _load(chunk: np.ndarray, source: ImageSource, ranges: tuple) -> np.ndarray:
-    start, stop = ranges[int(chunk[0])]
-    return _one(tasks.load_image_block(source, start, stop), 1)
+def _kernel(settings, templates, structure, t0, t1, block) -> Any:
+    return tasks.correlate_task(settings, templates, structure, t0, t1, block)
 
 
-def _kernel(t_chunk, block_chunk, settings, templates, structure, t_ranges) -> np.ndarray:
-    t0, t1 = t_ranges[int(t_chunk[0])]
-    return _one(tasks.correlate_task(settings, templates, structure, t0, t1, block_chunk[0]), 2)
+def _reduce_kernels(results: list, t_starts: tuple[int, ...], n_d: int, n_w: int) -> np.ndarray:
+    """Packed partial ``[m, 3]`` of several kernel results (template offsets ``t_starts``)."""
+    packed = [tasks.partial_of(r, t0, n_d, n_w) for r, t0 in zip(results, t_starts, strict=True)]
+    return reduce_packed(np.stack(packed))
 
 
-def _partial(kernel_chunk, t_chunk, settings, t_ranges) -> np.ndarray:
-    t0 = t_ranges[int(t_chunk[0])][0]
-    result = kernel_chunk[0, 0]
-    packed = tasks.partial_of(result, t0, settings.n_displacements, settings.parameters.n_inplanes)
-    return packed[None]
+def _combine(packed: list[np.ndarray]) -> np.ndarray:
+    return reduce_packed(np.stack(packed))
 
 
-def _identity(x: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return x
+def _optimal_ll(block, reduced, settings, templates, structure) -> np.ndarray:
+    poses = tasks.finalize_block(settings, reduced)
+    return tasks.optimal_likelihood_task(settings, templates, structure, block, poses)
 
 
 def _field(reduced: np.ndarray, settings: tasks.KernelSettings, field_name: str) -> np.ndarray:
     return tasks.finalize_block(settings, reduced)[field_name]
 
 
-def _optimal_ll(block_chunk, reduced, settings, templates, structure) -> np.ndarray:
-    poses = tasks.finalize_block(settings, reduced)
-    return tasks.optimal_likelihood_task(settings, templates, structure, block_chunk[0], poses)
+def _per_template(result, settings, field_name) -> np.ndarray:
+    return tasks.per_template_of(settings, result, field_name)
 
 
-def _per_template(kernel_chunk, settings, field_name) -> np.ndarray:
-    return tasks.per_template_of(settings, kernel_chunk[0, 0], field_name)
+def _full(result) -> np.ndarray:
+    return result.cross_correlation_msdw
 
 
-def _full(kernel_chunk) -> np.ndarray:
-    return kernel_chunk[0, 0].cross_correlation_msdw
+def _noop(*args: Any) -> None:
+    return None
 
 
+# ------------------------------------------------------------------------------ the graph
 def build_batch_graph(
     settings: tasks.KernelSettings,
     templates: TemplateSource,
@@ -116,135 +143,218 @@ def build_batch_graph(
     request : OutputRequest
         Which quantities to build (``settings.outputs`` must agree: full tensor, integrated).
     split_every : int
-        Fan-in of the reduction tree over template blocks.
+        Fan-in of the reduction tree over template blocks (≥ 2).
     """
-    rdt = Precision.parse(settings.precision).resolve().real_dtype
+    image_ranges = tuple((int(a), int(b)) for a, b in image_ranges)
+    template_ranges = tuple((int(a), int(b)) for a, b in template_ranges)
+    split_every = max(2, int(split_every))
     n_i, n_t = len(image_ranges), len(template_ranges)
-    isizes = tuple(b - a for a, b in image_ranges)
-    tsizes = tuple(b - a for a, b in template_ranges)
     token = tokenize(settings, templates, structure, images, image_ranges, template_ranges)
 
     def key(layer: str) -> str:  # dashboard groups tasks by this prefix
         return f"{layer}-{token}"
 
-    i_idx = da.arange(n_i, chunks=1)
-    t_idx = da.arange(n_t, chunks=1)
-    obj1, obj2 = np.empty((0,), object), np.empty((0, 0), object)
+    names = {"load": key("load-images"), "kernel": key("cc-kernel"), "reduced": key("best-pose")}
+    layers: dict[str, dict] = {}
+    deps: dict[str, set[str]] = {}
+    load, kern = names["load"], names["kernel"]
+    layers[load] = {(load, i): (_load, images, a, b) for i, (a, b) in enumerate(image_ranges)}
+    deps[load] = set()
+    layers[kern] = {
+        (kern, t, i): (_kernel, settings, templates, structure, t0, t1, (load, i))
+        for t, (t0, t1) in enumerate(template_ranges)
+        for i in range(n_i)
+    }
+    deps[kern] = {load}
+    n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
+    if request.needs_reduction:
+        _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, split_every)
+    if request.optimal_likelihood:
+        opt, red = key("optimal-ll"), names["reduced"]
+        names["optimal_ll"] = opt
+        layers[opt] = {
+            (opt, i): (_optimal_ll, (load, i), (red, i, 0), settings, templates, structure)
+            for i in range(n_i)
+        }
+        deps[opt] = {load, red}
+    graph = HighLevelGraph(layers, deps)
+    outputs = _lazy_outputs(graph, names, settings, request, image_ranges, template_ranges)
+    return BatchGraph(
+        outputs, n_i * n_t, kern, graph, names, image_ranges, template_ranges, settings, structure
+    )
+
+
+def _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, split_every):
+    """``best-pose[i, 0]``: the packed partial over every template block of image block
+    ``i``; the leaves reduce up to ``split_every`` kernel results each, upper levels combine
+    ``split_every`` partials, so one task per block when ``n_t ≤ split_every``."""
+    kern, final = names["kernel"], names["reduced"]
+    n_t = len(template_ranges)
+    groups = [list(range(a, min(n_t, a + split_every))) for a in range(0, n_t, split_every)]
+    level, below = 0, kern
+    while True:
+        last = len(groups) == 1
+        name = final if last else f"{final}-level{level}"
+        layer = {}
+        for g, members in enumerate(groups):
+            for i in range(n_i):
+                out_key = (name, i, 0) if last else (name, g, i)
+                if level == 0:
+                    starts = tuple(template_ranges[t][0] for t in members)
+                    inputs = [(kern, t, i) for t in members]
+                    layer[out_key] = (_reduce_kernels, inputs, starts, n_d, n_w)
+                else:
+                    layer[out_key] = (_combine, [(below, t, i) for t in members])
+        layers[name] = layer
+        deps[name] = {below}
+        if last:
+            return
+        n_groups = len(groups)
+        groups = [
+            list(range(a, min(n_groups, a + split_every))) for a in range(0, n_groups, split_every)
+        ]
+        below, level = name, level + 1
+
+
+def _lazy_outputs(
+    graph: HighLevelGraph,
+    names: dict[str, str],
+    settings: tasks.KernelSettings,
+    request: OutputRequest,
+    image_ranges: tuple[tuple[int, int], ...],
+    template_ranges: tuple[tuple[int, int], ...],
+) -> dict[str, da.Array]:
+    """The requested quantities as dask arrays over the batch's graph (for the lazy API)."""
+    rdt = Precision.parse(settings.precision).resolve().real_dtype
+    n_i, n_t = len(image_ranges), len(template_ranges)
+    isizes = tuple(b - a for a, b in image_ranges)
+    tsizes = tuple(b - a for a, b in template_ranges)
+    obj2 = np.empty((0, 0), object)
+    kernel = da.Array(graph, names["kernel"], chunks=((1,) * n_t, (1,) * n_i), meta=obj2)
+    reduced = None
+    if request.needs_reduction:
+        reduced = da.Array(graph, names["reduced"], chunks=(isizes, (3,)), dtype=np.float64)
     out: dict[str, da.Array] = {}
-    with warnings.catch_warnings():
-        # an outer product of blocks multiplies the chunk count on purpose
-        warnings.simplefilter("ignore", da.PerformanceWarning)
-        blocks = da.map_blocks(
-            _load,
-            i_idx,
-            source=images,
-            ranges=tuple(image_ranges),
-            dtype=object,
-            meta=obj1,
-            name=key("load-images"),
-        )
-        kernel = da.blockwise(
-            _kernel,
-            "ti",
-            t_idx,
-            "t",
-            blocks,
-            "i",
-            settings=settings,
-            templates=templates,
-            structure=structure,
-            t_ranges=tuple(template_ranges),
-            dtype=object,
-            meta=obj2,
-            name=key("cc-kernel"),
-        )
-        reduced = None
-        if request.needs_reduction:
-            partials = da.blockwise(
-                _partial,
-                "tif",
+    for q in request.quantities:
+        dtype = np.int64 if q.kind == "int" else rdt
+        label = q.name.replace("_", "-")
+        name = f"{label}-{tokenize(names['kernel'], q.name)}"
+        if q.source == "reduction":
+            out[q.name] = reduced.map_blocks(
+                _field,
+                settings=settings,
+                field_name=q.name,
+                drop_axis=1,
+                dtype=dtype,
+                meta=np.empty((0,), dtype),
+                name=name,
+            )
+        elif q.source == "optimal_likelihood":
+            out[q.name] = da.Array(graph, names["optimal_ll"], chunks=(isizes,), dtype=dtype)
+        elif q.source == "per_template":
+            out[q.name] = da.blockwise(
+                _per_template,
+                "it",
                 kernel,
                 "ti",
-                t_idx,
-                "t",
                 settings=settings,
-                t_ranges=tuple(template_ranges),
-                new_axes={"f": 3},
-                adjust_chunks={"i": isizes},
-                align_arrays=False,
-                dtype=np.float64,
-                meta=np.empty((0, 0, 0)),
-                name=key("partial"),
+                field_name=q.name,
+                adjust_chunks={"i": isizes, "t": tsizes},
+                dtype=dtype,
+                meta=np.empty((0, 0), dtype),
+                name=name,
             )
-            reduced = da.reduction(
-                partials,
-                chunk=_identity,
-                combine=reduce_packed,
-                aggregate=reduce_packed,
-                axis=0,
-                split_every=split_every,
-                dtype=np.float64,
-                concatenate=True,
-                meta=np.empty((0, 0)),
-                name=key("best-pose"),
+        elif q.source == "full":
+            n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
+            out[q.name] = da.blockwise(
+                _full,
+                "itdw",
+                kernel,
+                "ti",
+                new_axes={"d": n_d, "w": n_w},
+                adjust_chunks={"i": isizes, "t": tsizes},
+                dtype=dtype,
+                meta=np.empty((0, 0, 0, 0), dtype),
+                name=name,
             )
-        for q in request.quantities:
-            dtype = np.int64 if q.kind == "int" else rdt
-            label = q.name.replace("_", "-")
-            if q.source == "reduction":
-                out[q.name] = reduced.map_blocks(
-                    _field,
-                    settings=settings,
-                    field_name=q.name,
-                    drop_axis=1,
-                    dtype=dtype,
-                    meta=np.empty((0,), dtype),
-                    name=key("pose-" + label),
-                )
-            elif q.source == "optimal_likelihood":
-                out[q.name] = da.blockwise(
-                    _optimal_ll,
-                    "i",
-                    blocks,
-                    "i",
-                    reduced,
-                    "if",
-                    settings=settings,
-                    templates=templates,
-                    structure=structure,
-                    adjust_chunks={"i": isizes},
-                    align_arrays=False,
-                    concatenate=True,
-                    dtype=dtype,
-                    meta=np.empty((0,), dtype),
-                    name=key("optimal-ll"),
-                )
-            elif q.source == "per_template":
-                out[q.name] = da.blockwise(
-                    _per_template,
-                    "it",
-                    kernel,
-                    "ti",
-                    settings=settings,
-                    field_name=q.name,
-                    adjust_chunks={"i": isizes, "t": tsizes},
-                    dtype=dtype,
-                    meta=np.empty((0, 0), dtype),
-                    name=key(label),
-                )
-            elif q.source == "full":
-                n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
-                out[q.name] = da.blockwise(
-                    _full,
-                    "itdw",
-                    kernel,
-                    "ti",
-                    new_axes={"d": n_d, "w": n_w},
-                    adjust_chunks={"i": isizes, "t": tsizes},
-                    dtype=dtype,
-                    meta=np.empty((0, 0, 0, 0), dtype),
-                    name=key("full-cc"),
-                )
-            else:  # pragma: no cover - the table and this builder must agree
-                raise ValueError(f"no graph for output source {q.source!r} ({q.name})")
-    return BatchGraph(out, n_i * n_t, key("cc-kernel"))
+        else:  # pragma: no cover - the table and this builder must agree
+            raise ValueError(f"no graph for output source {q.source!r} ({q.name})")
+    return out
+
+
+# ------------------------------------------------------------------------------ store tasks
+def store_units(
+    graph: BatchGraph,
+    request: OutputRequest,
+    targets: dict[str, Any],
+    units: list[list[int]],
+) -> list[Delayed]:
+    """Tasks that write the batch's outputs into the results store; one ``Delayed`` per
+    unit (a list of indices into the batch's image blocks) that finishes when every output of
+    its blocks is written.
+
+    ``targets`` maps each requested quantity's name to its array (a ``zarr.Array``): for
+    scope ``image`` the ``[structure, image]`` array, otherwise the structure's own array.
+    Every write covers whole chunks (the store is chunked by the plan's blocks), so tasks
+    never write the same chunk.
+    """
+    names = graph.names
+    k = graph.structure
+    per_image = [q for q in request.quantities if q.scope == "image"]
+    per_block = [q for q in request.quantities if q.scope != "image"]
+    token = tokenize(graph.kernel_name, {n: str(t) for n, t in targets.items()}, units)
+    s_img, s_tpl, done = (f"{p}-{token}" for p in ("store-images", "store-templates", "stored"))
+    layers: dict[str, dict] = {}
+    deps: dict[str, set[str]] = {}
+    image_targets = {q.name: targets[q.name] for q in per_image}
+    block_targets = {q.name: targets[q.name] for q in per_block}
+    if per_image:
+        layer = {}
+        for i, (a, b) in enumerate(graph.image_ranges):
+            reduced = (names["reduced"], i, 0) if request.needs_reduction else None
+            optimal = (names["optimal_ll"], i) if "optimal_ll" in names else None
+            layer[(s_img, i)] = (
+                tasks.store_image_outputs,
+                image_targets,
+                graph.settings,
+                k,
+                a,
+                b,
+                reduced,
+                optimal,
+            )
+        layers[s_img] = layer
+        deps[s_img] = {names[n] for n in ("reduced", "optimal_ll") if n in names}
+    if per_block:
+        layers[s_tpl] = {
+            (s_tpl, t, i): (
+                tasks.store_template_outputs,
+                block_targets,
+                graph.settings,
+                a,
+                b,
+                t0,
+                t1,
+                (names["kernel"], t, i),
+            )
+            for t, (t0, t1) in enumerate(graph.template_ranges)
+            for i, (a, b) in enumerate(graph.image_ranges)
+        }
+        deps[s_tpl] = {names["kernel"]}
+    n_t = len(graph.template_ranges)
+    keys_of_unit = []
+    for unit in units:
+        ks = [(s_img, i) for i in unit] if per_image else []
+        if per_block:
+            ks += [(s_tpl, t, i) for i in unit for t in range(n_t)]
+        keys_of_unit.append(ks)
+    marker = {(done, u): (_noop, *ks) for u, ks in enumerate(keys_of_unit) if len(ks) > 1}
+    if marker:
+        layers[done] = marker
+        deps[done] = set(layers) - {done}
+    hlg = HighLevelGraph.merge(graph.graph, HighLevelGraph(layers, deps))
+    out = []
+    for u, ks in enumerate(keys_of_unit):
+        key = (done, u) if len(ks) > 1 else ks[0]
+        out.append(Delayed(key, hlg, layer=key[0]))
+    return out

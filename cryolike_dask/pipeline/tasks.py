@@ -512,3 +512,45 @@ def per_template_of(settings: KernelSettings, result: BlockResult, name: str) ->
     if name == "per_template_optimal_inplane_rotation":
         return settings.parameters.polar_grid.theta[w].astype(rdt)
     raise KeyError(name)
+
+
+def store_image_outputs(
+    targets: dict[str, Any],
+    settings: KernelSettings,
+    structure: int,
+    start: int,
+    stop: int,
+    reduced: np.ndarray | None,
+    optimal_ll: np.ndarray | None,
+) -> None:
+    """Write the per-image quantities of images ``[start, stop)`` of a structure.
+
+    ``targets`` maps quantity names to their ``[structure, image]`` arrays (zarr); values
+    come from the reduced partials ``[m, 3]`` (:func:`finalize_block`) and the optimal-pose
+    likelihood ``[m]``.
+    """
+    values = finalize_block(settings, reduced) if reduced is not None else {}
+    if optimal_ll is not None:
+        values["log_likelihood_optimal_fourier"] = optimal_ll
+    for name, target in targets.items():
+        target[structure : structure + 1, start:stop] = values[name][None, :]
+
+
+def store_template_outputs(
+    targets: dict[str, Any],
+    settings: KernelSettings,
+    start: int,
+    stop: int,
+    t0: int,
+    t1: int,
+    result: BlockResult,
+) -> None:
+    """Write the per-template quantities (``[image, template]``) and the full tensor
+    (``[image, template, displacement, rotation]``) of one kernel block."""
+    from cryolike_dask.io.outputs import BY_NAME
+
+    for name, target in targets.items():
+        if BY_NAME[name].source == "full":
+            target[start:stop, t0:t1] = result.cross_correlation_msdw
+        else:
+            target[start:stop, t0:t1] = per_template_of(settings, result, name)
