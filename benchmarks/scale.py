@@ -51,6 +51,7 @@ from cryolike_dask.io.zarr_stores import ResultsStore, StackInfo
 from cryolike_dask.kernels import BlockResult
 from cryolike_dask.params import ImageParameters
 from cryolike_dask.pipeline import driver, tasks
+from cryolike_dask.pipeline import graph as graph_module
 from cryolike_dask.pipeline.cluster import WorkerInfo
 from cryolike_dask.pipeline.executor import Executor
 from cryolike_dask.pipeline.spec import LikelihoodRun, OutputRequest
@@ -94,6 +95,7 @@ class Recorder:
     lock: threading.Lock = field(default_factory=threading.Lock)
     kernels: list = field(default_factory=list)  # (batch, worker, start, stop, modelled s)
     loads: int = 0
+    others: list = field(default_factory=list)  # (kind, worker, start, stop) of other tasks
     batch: int = -1
     batches: list = field(default_factory=list)  # dicts of phase seconds, one per batch
     setup: dict = field(default_factory=dict)  # phase seconds outside any batch
@@ -176,7 +178,22 @@ def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: 
             for i, (a, w) in enumerate(sorted(info.items()))
         ]
 
-    patch(tasks, "load_image_block", load_image_block)
+    def recorded(kind, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stop = time.perf_counter()
+                with REC.lock:
+                    REC.others.append((kind, threading.get_ident(), start, stop))
+
+        return wrapper
+
+    patch(tasks, "store_image_outputs", recorded("store", tasks.store_image_outputs))
+    patch(graph_module, "_reduce_kernels", recorded("reduce", graph_module._reduce_kernels))
+    patch(tasks, "load_image_block", recorded("load", load_image_block))
     patch(tasks, "correlate_task", correlate_task)
     patch(driver, "describe_workers", describe_workers)
     build = driver.build_batch_graph
@@ -390,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--templates-per-block", type=int, default=None)
     ap.add_argument("--images-per-block", type=int, default=None)
     ap.add_argument("--export", action="store_true", help="write the .pt exports too")
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0005,
+        help="Python's GIL switch interval in the emulation, s (default 0.5 ms; Python's own "
+        "is 5 ms): the emulated workers share one process, where every hand-off between its "
+        "threads waits up to this long",
+    )
     ap.add_argument("--keep", type=Path, default=None, help="output folder (kept)")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = ap.parse_args(argv)
@@ -408,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # emulation only: in-process workers share this process's event loop and GIL with the
     # scheduler and the driver; their per-worker profiler (every 10 ms) and system monitor
-    # are off so that they steal less of it (production workers run them in their own
-    # processes)
+    # are off so that they steal less of it, and the GIL is handed between threads more
+    # often (production workers run in their own processes, with their own GIL)
+    sys.setswitchinterval(args.switch_interval)
     dask.config.set(
         {
             "distributed.admin.tick.limit": "1h",
@@ -569,6 +595,19 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         f"{1e3 * mean.get('gap', 0):.2f} ms; peak tasks held {REC.sched_tasks_peak}; "
         f"absolute overhead (makespan − list bound) {absolute:.2f} s = "
         f"{1e3 * absolute / max(1, n_kernel):.2f} ms per kernel task"
+    )
+    span = makespan * w
+    busy_k = float((kern[:, 1] - kern[:, 0]).sum()) if len(kern) else 0.0
+    by_kind: dict[str, list[float]] = {}
+    for kind, _, a, b in REC.others:
+        by_kind.setdefault(kind, []).append(b - a)
+    p(
+        f"worker time over the makespan ({span:.0f} worker-s): kernels {100 * busy_k / span:.1f}%"
+        + "".join(
+            f", {kind} tasks {100 * sum(v) / span:.2f}% ({len(v)} × {1e3 * np.mean(v):.1f} ms)"
+            for kind, v in sorted(by_kind.items())
+        )
+        + f", idle {100 * (span - busy_k - sum(map(sum, by_kind.values()))) / span:.1f}%"
     )
     p(
         "CPU seconds by thread over the run: "

@@ -64,6 +64,9 @@ RESULTS_NAME = "results.zarr"
 MAX_UNITS_PER_BATCH = 256
 #: Batches submitted at once: the next is built and submitted while the current one runs.
 BATCHES_IN_FLIGHT = 2
+#: Done marks are written at most this often (and at the end of every batch): a run killed
+#: in between recomputes those blocks on resume, with the same results.
+DONE_FLUSH_SECONDS = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -432,7 +435,7 @@ def _execute(
         write_displacements(layout, run.displacements.as_array())
     settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
     image_ranges = plan.image_ranges()
-    bars: list[Progress] = []
+    states: list[_Structure] = []
 
     def batches() -> Iterator[Batch]:
         """The run's batches, structure after structure, each built only when the executor
@@ -440,7 +443,7 @@ def _execute(
         graphs = 0
         for k in run.structures:
             st = _Structure(run, results, plan, layout, k, fp, report, progress)
-            bars.append(st.bar)
+            states.append(st)
             todo = plan.batches(st.pending)
             for j, batch in enumerate(todo):
                 if stop_after_batches is not None and graphs >= stop_after_batches:
@@ -472,8 +475,12 @@ def _execute(
     try:
         executor.run_batches(batches(), depth=BATCHES_IN_FLIGHT)
     finally:
-        for bar in bars:
-            bar.close()
+        for st in states:
+            st.bar.close()
+            try:  # what finished before a failure or an interruption stays done
+                st.flush()
+            except Exception:  # the original error matters more  # pragma: no cover
+                logger.exception("could not write the done marks of %s", results.path)
     report.compute_seconds += time.perf_counter() - t0
     report.seconds = time.perf_counter() - t_start
     return report
@@ -514,6 +521,8 @@ class _Structure:
         report.blocks_skipped += len(self.image_ranges) - len(self.pending)
         self.exported: set[int] = set()
         self.computed: set[int] = set()
+        self._dirty: list[tuple[int, int]] = []  # marked in the row, not yet written
+        self._flushed = time.monotonic()
         label = f"likelihood {run.templates.names[k]!r}"
         self.bar = Progress(len(self.pending) * len(self.t_ranges), label, "kernel block", progress)
 
@@ -522,13 +531,23 @@ class _Structure:
         ranges = [self.image_ranges[b] for b in units[i]]
         for a, e in ranges:
             self.done_row[a:e] |= np.uint8(self.bits)
-        self.results.write_done(self.k, ranges, self.done_row)
+        self._dirty.extend(ranges)
+        if time.monotonic() - self._flushed >= DONE_FLUSH_SECONDS:
+            self.flush()
         self.computed.update(units[i])
         if self.run.export_pt:  # only the stacks this unit touched can have completed
             self._export(_stacks_touching(self.starts, ranges[0][0], ranges[-1][1]))
 
+    def flush(self) -> None:
+        """Write the done marks made since the last flush (a whole done chunk at a time)."""
+        if self._dirty:
+            self.results.write_done(self.k, _merged(self._dirty), self.done_row)
+            self._dirty.clear()
+        self._flushed = time.monotonic()
+
     def batch_done(self, batch: list[int], last: bool) -> None:
         """Every unit of ``batch`` is stored (``last``: the structure's last batch)."""
+        self.flush()
         report, run = self.report, self.run
         report.graphs += 1
         report.kernel_tasks += len(batch) * len(self.t_ranges)
@@ -559,6 +578,17 @@ class _Structure:
             self.done_row,
             candidates,
         )
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, e in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((a, e))
+    return out
 
 
 def _targets(results: ResultsStore, run: LikelihoodRun, structure: int) -> dict[str, Any]:

@@ -532,8 +532,8 @@ def store_image_outputs(
     values = finalize_block(settings, reduced) if reduced is not None else {}
     if optimal_ll is not None:
         values["log_likelihood_optimal_fourier"] = optimal_ll
-    for name, target in targets.items():
-        target[structure : structure + 1, start:stop] = values[name][None, :]
+    region = (slice(structure, structure + 1), slice(start, stop))
+    _write_all([(target, region, values[name][None, :]) for name, target in targets.items()])
 
 
 def store_template_outputs(
@@ -549,8 +549,36 @@ def store_template_outputs(
     (``[image, template, displacement, rotation]``) of one kernel block."""
     from cryolike_dask.io.outputs import BY_NAME
 
+    writes = []
     for name, target in targets.items():
         if BY_NAME[name].source == "full":
-            target[start:stop, t0:t1] = result.cross_correlation_msdw
+            value = result.cross_correlation_msdw
         else:
-            target[start:stop, t0:t1] = per_template_of(settings, result, name)
+            value = per_template_of(settings, result, name)
+        writes.append((target, (slice(start, stop), slice(t0, t1)), value))
+    _write_all(writes)
+
+
+_WRITERS: Any = None
+_WRITERS_LOCK = threading.Lock()
+
+
+def _write_all(writes: list[tuple[Any, tuple, np.ndarray]]) -> None:
+    """``target[region] = value`` for each write, the arrays written concurrently: each
+    zarr write waits on I/O and on zarr's event loop, so several in flight take little more
+    than one."""
+    global _WRITERS
+    if len(writes) <= 1:
+        for target, region, value in writes:
+            target[region] = value
+        return
+    with _WRITERS_LOCK:
+        if _WRITERS is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _WRITERS = ThreadPoolExecutor(8, thread_name_prefix="cryolike-dask-store")
+    futures = [
+        _WRITERS.submit(target.__setitem__, region, value) for target, region, value in writes
+    ]
+    for future in futures:
+        future.result()  # raises the first failed write's error
