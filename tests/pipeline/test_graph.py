@@ -161,3 +161,64 @@ def test_reading_errors_surface_from_tasks(ref_inputs) -> None:
     )
     with pytest.raises(AssertionError, match="must not read"):
         g.outputs["cross_correlation"].compute(scheduler="sync")
+
+
+def test_tasks_per_image_block_are_few() -> None:
+    """Load, one kernel per template block, one reduction and one store task per image block
+    (plus one marker per unit of several blocks): the scheduler's cost per kernel task stays
+    small however many blocks a batch has."""
+    from cryolike_dask.pipeline.graph import store_units
+
+    params = ImageParameters.from_values(32, 1.5, n_inplanes=16)
+    placeholder = _Placeholder.__new__(_Placeholder)
+    object.__setattr__(placeholder, "parameters", params)
+    object.__setattr__(placeholder, "stacks", (StackInfo("s", 0, 100),))
+    object.__setattr__(placeholder, "names", ("one",))
+    settings = tasks.KernelSettings(params, ((0.0, 0.0),))
+    request = OutputRequest()
+    image_ranges, template_ranges = _ranges(100, 10), _ranges(40, 10)  # 10 × 4 blocks
+    targets = {q.name: f"array:{q.name}" for q in request.quantities}
+    for split_every, reduction_tasks in ((8, 1), (2, 3)):  # a tree of 2 + 1 past split_every
+        g = build_batch_graph(
+            settings, placeholder, 0, placeholder, image_ranges, template_ranges, request,
+            split_every=split_every,
+        )  # fmt: skip
+        assert g.n_tasks == 10 * (1 + 4 + reduction_tasks)
+        one_block_units = store_units(g, request, targets, [[i] for i in range(10)])
+        assert len(one_block_units[0].dask) == g.n_tasks + 10  # one store task per block
+        paired = store_units(g, request, targets, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]])
+        assert len(paired[0].dask) == g.n_tasks + 10 + 5  # and one marker per unit
+
+
+def test_store_tasks_write_the_lazy_outputs(ref_inputs, tmp_path) -> None:
+    """What the store tasks write into Zarr equals the lazy outputs of the same graph."""
+    import zarr
+
+    from cryolike_dask.pipeline.graph import store_units
+
+    settings = _settings(ref_inputs, full=True, integrated_likelihood=True)
+    image_ranges, template_ranges = _ranges(24, 7), _ranges(96, 40)
+    g = build_batch_graph(
+        settings, ref_inputs["templates"], 0, ref_inputs["images"], image_ranges,
+        template_ranges, ALL, split_every=2,
+    )  # fmt: skip
+    root = zarr.open_group(tmp_path / "out.zarr", mode="w")
+    targets = {}
+    for q in ALL.quantities:
+        dtype = np.int64 if q.kind == "int" else np.float32
+        if q.scope == "image":
+            shape, chunks = (2, 24), (1, 7)
+        elif q.scope == "template":
+            shape, chunks = (24, 96), (7, 40)
+        else:
+            shape = (24, 96, len(settings.displacements), settings.parameters.n_inplanes)
+            chunks = (7, 40, *shape[2:])
+        targets[q.name] = root.create_array(q.name, shape=shape, chunks=chunks, dtype=dtype)
+    units = store_units(g, ALL, targets, [[0, 1], [2], [3]])
+    dask.compute(*units, scheduler="sync")
+    lazy = dask.compute(g.outputs, scheduler="sync")[0]
+    for q in ALL.quantities:
+        written = targets[q.name][0] if q.scope == "image" else targets[q.name][:]
+        np.testing.assert_array_equal(written, lazy[q.name].astype(written.dtype), q.name)
+        if q.scope == "image":  # structure 0's row only
+            assert not np.any(targets[q.name][1]), q.name
