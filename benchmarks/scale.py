@@ -8,13 +8,14 @@ in-process, so the patch reaches them):
 - ``tasks.correlate_task`` sleeps ``m·s·D·W / rate × time_factor`` seconds and returns a
   :class:`BlockResult` with the real per-image arrays (``best_cross_correlation``,
   ``best_pose``, ``log_likelihood_sum`` of length ``m``), the rest ``None``;
-- ``tasks.load_image_block`` returns an :class:`ImageBlock` without pixels (its ``sizeof``
-  is what Dask sees of a real block: the dataclass is not registered with ``dask.sizeof``);
+- ``tasks.load_image_block`` returns an :class:`ImageBlock` without pixels whose
+  ``dask.sizeof`` is the real block's (``M·N·W`` complex64 and the CTF fields), so the
+  scheduler places kernel tasks as it would with real blocks;
 - ``driver.describe_workers`` reports every worker as a GPU worker with ``--worker-memory``
   of free GPU memory (the planner then uses the GPU memory model).
 
-Everything else (graph, reduction tree, ``da.store`` into ``results.zarr``, done marks,
-exports with ``--export``) is the production code. Structures are scaled down
+Everything else (graph, reduction tree, the store tasks writing ``results.zarr``, done
+marks, exports with ``--export``) is the production code. Structures are scaled down
 (``--structures`` of ``--total-structures``) and the results scaled up: every structure is
 the same graph, run one after the other by the driver.
 
@@ -87,6 +88,24 @@ class SyntheticTemplates(TemplateSource):
         return {"kind": "synthetic", "structure": structure, "count": self.count}
 
 
+@dataclass(frozen=True)
+class EmulatedImageBlock(tasks.ImageBlock):
+    """An image block without pixels that Dask sizes as the real one."""
+
+    emulated_nbytes: int = 0
+
+
+def _register_emulated_size() -> None:
+    from dask.sizeof import sizeof
+
+    @sizeof.register(EmulatedImageBlock)
+    def _size(block: EmulatedImageBlock) -> int:
+        return block.emulated_nbytes
+
+
+_register_emulated_size()
+
+
 # ------------------------------------------------------------------------------ recorders
 @dataclass
 class Recorder:
@@ -145,8 +164,11 @@ def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: 
     def load_image_block(source, start, stop):
         with REC.lock:
             REC.loads += 1
-        # no pixels: what Dask's sizeof sees of a real ImageBlock (56 bytes) is kept
-        return tasks.ImageBlock(start, stop, np.empty((0,), np.complex64), {}, "cryolike", "")
+        # no pixels, but Dask is told the real block's size (placement, memory accounting)
+        n = (stop - start) * int(np.prod(source.parameters.polar_grid.shape))
+        nbytes = n * np.dtype(np.complex64).itemsize + (stop - start) * 7 * 8
+        empty = np.empty((0,), np.complex64)
+        return EmulatedImageBlock(start, stop, empty, {}, "cryolike", "", nbytes)
 
     def correlate_task(settings, templates, structure, t0, t1, block):
         m, s = block.stop - block.start, t1 - t0
@@ -192,6 +214,9 @@ def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: 
         return wrapper
 
     patch(tasks, "store_image_outputs", recorded("store", tasks.store_image_outputs))
+    export_task = recorded("export", tasks.export_stack_task)
+    patch(tasks, "export_stack_task", export_task)
+    patch(driver, "export_stack_task", export_task)
     patch(graph_module, "_reduce_kernels", recorded("reduce", graph_module._reduce_kernels))
     patch(tasks, "load_image_block", recorded("load", load_image_block))
     patch(tasks, "correlate_task", correlate_task)
@@ -575,8 +600,8 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         ("first kernel start after submit", "first_start"),
         ("on_done total (done marks + exports)", "on_done"),
         ("  of which done marks", "marks"),
-        ("  of which exports", "exports"),
-        ("on_complete (end-of-structure exports)", "on_complete"),
+        ("  of which exports (finding complete stacks, submitting their tasks)", "exports"),
+        ("on_complete (end of structure)", "on_complete"),
         ("driver serial work (build+store+submit+on_done+on_complete)", "serial"),
     ):
         v = mean.get(key, 0.0)

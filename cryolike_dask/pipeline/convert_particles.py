@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
+from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError, write_error
 from cryolike_dask.io.cryolike import stack_paths, write_stack_npz
 from cryolike_dask.io.mrc import MrcFileError, mrc_info, read_images
 from cryolike_dask.io.particle_metadata import MetadataError, ParticleRecords, read_cs, read_star
@@ -534,19 +534,25 @@ def convert_particles(
 
 
 def _remove_old_outputs(out: Path, store_path: Path) -> None:
-    """Remove a conversion's ``particles.zarr`` and ``fft/particles_fourier_stack_*`` files."""
+    """Remove a conversion's ``particles.zarr`` and ``fft/particles_fourier_stack_*`` files,
+    and the temporary files of a conversion that was killed while writing one."""
     if store_path.exists():
         shutil.rmtree(store_path)
     for f in (out / "fft").glob("particles_fourier_stack_*"):
         if f.suffix in (".pt", ".npz"):
             f.unlink()
+    for f in (out / "fft").glob(".particles_fourier_stack_*.tmp-*"):
+        f.unlink(missing_ok=True)
 
 
 def _write(
     store: ImageStore, particles: ParticleSet, i: int, fourier: np.ndarray, convention: str
 ) -> None:
     a, b = particles.stacks[i]
-    store.write(a, fourier, particles.lens.subset(slice(a, b)).with_convention(convention))
+    try:
+        store.write(a, fourier, particles.lens.subset(slice(a, b)).with_convention(convention))
+    except OSError as exc:  # a full disk: name the store (a failed write names no file)
+        raise write_error(exc, store.path) from None
 
 
 __all__ = [

@@ -56,7 +56,7 @@ from cryolike_dask.pipeline.spec import (
     same_run,
     validate,
 )
-from cryolike_dask.pipeline.tasks import KernelSettings
+from cryolike_dask.pipeline.tasks import KernelSettings, export_stack_task
 from cryolike_dask.precision import Precision
 
 RESULTS_NAME = "results.zarr"
@@ -442,7 +442,7 @@ def _execute(
         asks for it (while the batch before it is still running)."""
         graphs = 0
         for k in run.structures:
-            st = _Structure(run, results, plan, layout, k, fp, report, progress)
+            st = _Structure(run, results, plan, layout, k, fp, report, progress, executor)
             states.append(st)
             todo = plan.batches(st.pending)
             for j, batch in enumerate(todo):
@@ -500,8 +500,10 @@ class _Structure:
         fp: dict,
         report: RunReport,
         progress: bool,
+        executor: Executor,
     ):
         self.run, self.results, self.plan, self.layout = run, results, plan, layout
+        self.executor = executor
         self.k, self.fp, self.report = k, fp, report
         self.bits = run.request.bits
         self.image_ranges = plan.image_ranges()
@@ -577,6 +579,7 @@ class _Structure:
             self.report,
             self.done_row,
             candidates,
+            self.executor.submit_side,
         )
 
 
@@ -611,10 +614,12 @@ def _export_ready(
     report: RunReport,
     done_row: np.ndarray,
     candidates: Any,
+    submit: Any = None,
 ) -> None:
     """Export every stack of ``candidates`` whose images are all done (``done_row``: the
     structure's done bits), unless its files are valid and none of its blocks was computed by
-    this run."""
+    this run. ``submit(fn, *args)`` runs each export (on the cluster, beside the batches);
+    without it the exports run here."""
     bits = run.request.bits
     quantities = run.request.quantities
     for i_stack in candidates:
@@ -630,7 +635,11 @@ def _export_ready(
                 exported.add(i_stack)
                 report.stacks_skipped += 1
                 continue
-        export_stack(results, layout, structure, i_stack, info, quantities, fp)
+        if submit is None:
+            export_stack(results, layout, structure, i_stack, info, quantities, fp)
+        else:
+            args = (results.path, layout, structure, i_stack, info, tuple(quantities), fp)
+            submit(export_stack_task, *args)
         exported.add(i_stack)
         report.stacks_exported += 1
 

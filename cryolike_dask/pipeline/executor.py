@@ -43,6 +43,11 @@ def when_done(collections: Any) -> Any:
     return Delayed(name, graph)
 
 
+#: Scheduler priority of side tasks (:meth:`Executor.submit_side`): above the batches' loads
+#: and kernels (0), below the tasks that finish a block (``graph.FINISHING_PRIORITY``).
+SIDE_PRIORITY = 1
+
+
 @dataclass
 class Batch:
     """One graph's worth of tracked units for :meth:`Executor.run_batches`.
@@ -91,6 +96,30 @@ class Executor:
         self.scheduler = scheduler or "threads"
         self.progress = progress
         self.workers = workers
+        self._side: list[Any] = []  # futures of side tasks (see submit_side)
+
+    def submit_side(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` beside the batches: a task on the cluster that the driver does
+        not wait for (e.g. a stack's export once its blocks are stored), or at once on a
+        local scheduler. :meth:`run_batches` waits for every side task before it returns and
+        raises the first one's error."""
+        if self.client is None:
+            fn(*args)
+            return
+        # ahead of the batches' queued loads and kernels (a side task is small and should not
+        # wait for them), after the tasks that finish blocks
+        future = self.client.submit(
+            fn, *args, pure=False, workers=self.workers, priority=SIDE_PRIORITY
+        )
+        self._side.append(future)
+
+    def _check_side(self) -> None:
+        done = [f for f in self._side if f.done()]
+        if done:
+            self._side = [f for f in self._side if not f.done()]
+            for future in done:
+                future.result()  # raises the side task's error
+                future.release()
 
     def run(
         self,
@@ -199,9 +228,10 @@ class Executor:
 
         try:
             top_up()
-            while pending:
+            while pending or self._side:
                 if interrupted():
                     raise KeyboardInterrupt
+                self._check_side()
                 done = [e for e in pending if e[0].done()]
                 if not done:
                     time.sleep(0.05)
@@ -211,7 +241,8 @@ class Executor:
                 for entry in done:
                     finished(entry)
         except BaseException:
-            self.client.cancel([e[0] for e in pending])
+            self.client.cancel([e[0] for e in pending] + self._side)
+            self._side = []
             raise
         return submitted[0]
 

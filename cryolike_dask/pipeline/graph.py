@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.kernels.reduction import reduce_packed
@@ -120,6 +120,17 @@ def _noop(*args: Any) -> None:
     return None
 
 
+#: Scheduler priority of the tasks that finish a block (reduction, optimal-pose likelihood,
+#: stores): ahead of queued loads and kernels, so that a block's results are written, and
+#: its kernel results freed, as soon as they exist; side tasks (exports) come next
+#: (:data:`~cryolike_dask.pipeline.executor.SIDE_PRIORITY`).
+FINISHING_PRIORITY = 2
+
+
+def _finishing(tasks_of_layer: dict) -> MaterializedLayer:
+    return MaterializedLayer(tasks_of_layer, annotations={"priority": FINISHING_PRIORITY})
+
+
 # ------------------------------------------------------------------------------ the graph
 def build_batch_graph(
     settings: tasks.KernelSettings,
@@ -172,10 +183,12 @@ def build_batch_graph(
     if request.optimal_likelihood:
         opt, red = key("optimal-ll"), names["reduced"]
         names["optimal_ll"] = opt
-        layers[opt] = {
-            (opt, i): (_optimal_ll, (load, i), (red, i, 0), settings, templates, structure)
-            for i in range(n_i)
-        }
+        layers[opt] = _finishing(
+            {
+                (opt, i): (_optimal_ll, (load, i), (red, i, 0), settings, templates, structure)
+                for i in range(n_i)
+            }
+        )
         deps[opt] = {load, red}
     graph = HighLevelGraph(layers, deps)
     outputs = _lazy_outputs(graph, names, settings, request, image_ranges, template_ranges)
@@ -205,7 +218,7 @@ def _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, 
                     layer[out_key] = (_reduce_kernels, inputs, starts, n_d, n_w)
                 else:
                     layer[out_key] = (_combine, [(below, t, i) for t in members])
-        layers[name] = layer
+        layers[name] = _finishing(layer)
         deps[name] = {below}
         if last:
             return
@@ -323,23 +336,25 @@ def store_units(
                 reduced,
                 optimal,
             )
-        layers[s_img] = layer
+        layers[s_img] = _finishing(layer)
         deps[s_img] = {names[n] for n in ("reduced", "optimal_ll") if n in names}
     if per_block:
-        layers[s_tpl] = {
-            (s_tpl, t, i): (
-                tasks.store_template_outputs,
-                block_targets,
-                graph.settings,
-                a,
-                b,
-                t0,
-                t1,
-                (names["kernel"], t, i),
-            )
-            for t, (t0, t1) in enumerate(graph.template_ranges)
-            for i, (a, b) in enumerate(graph.image_ranges)
-        }
+        layers[s_tpl] = _finishing(
+            {
+                (s_tpl, t, i): (
+                    tasks.store_template_outputs,
+                    block_targets,
+                    graph.settings,
+                    a,
+                    b,
+                    t0,
+                    t1,
+                    (names["kernel"], t, i),
+                )
+                for t, (t0, t1) in enumerate(graph.template_ranges)
+                for i, (a, b) in enumerate(graph.image_ranges)
+            }
+        )
         deps[s_tpl] = {names["kernel"]}
     n_t = len(graph.template_ranges)
     keys_of_unit = []
@@ -350,7 +365,7 @@ def store_units(
         keys_of_unit.append(ks)
     marker = {(done, u): (_noop, *ks) for u, ks in enumerate(keys_of_unit) if len(ks) > 1}
     if marker:
-        layers[done] = marker
+        layers[done] = _finishing(marker)
         deps[done] = set(layers) - {done}
     hlg = HighLevelGraph.merge(graph.graph, HighLevelGraph(layers, deps))
     out = []

@@ -333,6 +333,17 @@ class LikelihoodOptions(BaseModel):
             pixel_size,
         )
 
+    def check_search(self, params: ImageParameters) -> DisplacementGrid:
+        """The displacement grid, refused when the search reaches beyond the image box."""
+        half = min(params.n_pixels) / 2
+        searching = self.n_displacements_x > 1 or self.n_displacements_y > 1
+        if searching and self.max_displacement_pixels > half:
+            raise RunConfigurationError(
+                f"max_displacement_pixels = {self.max_displacement_pixels:g} reaches beyond the "
+                f"image: half the box is {half:g} pixels (images of {params.n_pixels[0]} px)"
+            )
+        return self.displacements(params.pixel_size[0])
+
     def build(
         self,
         templates: str | os.PathLike | TemplateSource,
@@ -355,13 +366,7 @@ class LikelihoodOptions(BaseModel):
             if self.structures == "all"
             else tuple(int(k) for k in self.structures)
         )
-        half = min(params.n_pixels) / 2
-        searching = self.n_displacements_x > 1 or self.n_displacements_y > 1
-        if searching and self.max_displacement_pixels > half:
-            raise RunConfigurationError(
-                f"max_displacement_pixels = {self.max_displacement_pixels:g} reaches beyond the "
-                f"image: half the box is {half:g} pixels (images of {params.n_pixels[0]} px)"
-            )
+        self.check_search(params)
         run = LikelihoodRun(
             templates=templates,
             images=particles,

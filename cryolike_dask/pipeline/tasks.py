@@ -570,15 +570,44 @@ def _write_all(writes: list[tuple[Any, tuple, np.ndarray]]) -> None:
     global _WRITERS
     if len(writes) <= 1:
         for target, region, value in writes:
-            target[region] = value
+            _write(target, region, value)
         return
     with _WRITERS_LOCK:
         if _WRITERS is None:
             from concurrent.futures import ThreadPoolExecutor
 
             _WRITERS = ThreadPoolExecutor(8, thread_name_prefix="cryolike-dask-store")
-    futures = [
-        _WRITERS.submit(target.__setitem__, region, value) for target, region, value in writes
-    ]
+    futures = [_WRITERS.submit(_write, target, region, value) for target, region, value in writes]
     for future in futures:
         future.result()  # raises the first failed write's error
+
+
+def _write(target: Any, region: tuple, value: np.ndarray) -> None:
+    """``target[region] = value``; a full disk or another OS error names the array's path
+    (a user-facing :class:`~cryolike_dask.errors.DiskFullError` when the disk is full)."""
+    from cryolike_dask.errors import write_error
+
+    try:
+        target[region] = value
+    except OSError as exc:
+        root = getattr(getattr(target, "store", None), "root", None)
+        path = f"{root}/{target.path}" if root is not None else str(target)
+        raise write_error(exc, path) from None
+
+
+def export_stack_task(
+    results_path: Any,
+    layout: Any,
+    structure: int,
+    i_stack: int,
+    stack: Any,
+    quantities: tuple,
+    fingerprint: dict,
+) -> None:
+    """Export one stack's ``.pt`` files and completion record from the results store (a task
+    beside the batches, once every block of the stack is stored)."""
+    from cryolike_dask.io.exports import export_stack
+    from cryolike_dask.io.zarr_stores import ResultsStore
+
+    results = ResultsStore.open(results_path, mode="r")
+    export_stack(results, layout, structure, i_stack, stack, quantities, fingerprint)
