@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryolike_dask import __version__
-from cryolike_dask.errors import CryoLikeDaskError
+from cryolike_dask.errors import DISK_FULL, CryoLikeDaskError, DiskFullError
 
 #: More viewing directions than this need ``make-params --yes`` (the default grid has 2370).
 MAX_DIRECTIONS = 100_000
@@ -805,9 +805,16 @@ def _configure_logging() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
+    if _disk_full(exc):
+        full = exc if isinstance(exc, DiskFullError) else DiskFullError(exc.filename, exc.errno)
+        return f"{full}; free space or choose another output folder, then rerun"
     if isinstance(exc, OSError) and not isinstance(exc, CryoLikeDaskError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
     return str(exc)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -831,7 +838,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         catch_interrupts()
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, OSError) as exc:
+        if not isinstance(exc, USER_ERRORS) and not _disk_full(exc):
+            raise  # an OS error that names no input or output: shown as the bug it may be
+        if _disk_full(exc) and not exc.filename and getattr(args, "output", None) is not None:
+            exc = DiskFullError(str(args.output), exc.errno)  # where it was writing
         print(f"cryolike-dask {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,14 +10,19 @@ earlier results stale is refused with a message naming it. See
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from cryolike_dask._reweight import ReweightOptions
 from cryolike_dask.errors import CryoLikeDaskError
@@ -141,6 +146,7 @@ class RunConfig(_Model):
     stitch: bool = True
     plots: bool = True
     reweight: ReweightConfig | None = None
+    _source: Path | None = PrivateAttr(None)  # the YAML file, named in errors
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -173,7 +179,181 @@ def load_config(path: str | os.PathLike) -> RunConfig:
             f"{'.'.join(str(x) for x in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"{p}: {problems}") from None
-    return _resolve(cfg, p.parent.resolve())
+    cfg = _resolve(cfg, p.parent.resolve())
+    cfg._source = p
+    return cfg
+
+
+# ------------------------------------------------------------------------------ checks
+#: The command-line options that messages of the steps name, as the config's keys.
+OPTION_KEYS = {
+    "--mrcs": "particles.mrcs",
+    "--star": "particles.star",
+    "--cs": "particles.cs",
+    "--mrc-folder": "particles.mrc_folder",
+    "--cryosparc-job": "particles.cryosparc_job",
+    "--pixel-size": "particles.pixel_size",
+    "--batch-size": "particles.batch_size",
+    "--downsample": "particles.downsample",
+    "--voxel-size": "templates.voxel_size",
+    "--n-stacks": "likelihood.n_stacks",
+    "--i-template": "likelihood.structures",
+}
+
+_CHECKED_ERRORS = (CryoLikeDaskError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+@dataclass(frozen=True)
+class CheckedConfig:
+    """What :func:`check_config` read: the parameters, the particle set to convert (``None``
+    for a converted ``particles.folder``) and the structures' names."""
+
+    params: ImageParameters
+    particles: Any
+    structures: tuple[str, ...]
+
+
+def _where(cfg: RunConfig) -> str:
+    return f"{cfg._source}: " if cfg._source is not None else ""
+
+
+def _config_words(message: str) -> str:
+    return re.sub(r"--[a-z][a-z-]*", lambda m: OPTION_KEYS.get(m.group(0), m.group(0)), message)
+
+
+@contextlib.contextmanager
+def _as_key(cfg: RunConfig, key: str | dict[str, list]) -> Iterator[None]:
+    """Report an input error as the config's: ``CONFIG: KEY: message``. With a mapping of
+    keys to the paths they give, the key is the one whose path the message names first."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except _CHECKED_ERRORS as exc:
+        message = str(exc)
+        if isinstance(exc, OSError) and not isinstance(exc, CryoLikeDaskError) and exc.filename:
+            message = f"{exc.filename}: {exc.strerror or exc}"
+        if isinstance(key, dict):
+            found = [
+                (message.find(str(path)), name)
+                for name, paths in key.items()
+                for path in paths
+                if str(path) in message
+            ]
+            key = min(found)[1] if found else next(iter(key)).split(".")[0]
+        raise ConfigError(f"{_where(cfg)}{key}: {_config_words(message)}") from exc
+
+
+def check_config(cfg: RunConfig) -> CheckedConfig:
+    """Check every step's inputs and options before the first step starts (and before a
+    cluster does): parameters, maps and models, particle files and metadata, the structure
+    indices, the stack count and the displacement search. Reads headers and metadata only;
+    writes nothing.
+
+    Raises
+    ------
+    ConfigError
+        ``CONFIG: KEY: message``, naming the config key (``particles.star``, ...) and the file.
+    """
+    from cryolike_dask.pipeline import convert_particles as cp
+    from cryolike_dask.pipeline.make_templates import check_inputs
+    from cryolike_dask.pipeline.spec import check_writable
+
+    where = _where(cfg)
+    with _as_key(cfg, "output"):
+        check_writable(cfg.output)
+    pc = cfg.parameters
+    if pc.file is not None:
+        with _as_key(cfg, "parameters.file"):
+            params = ImageParameters.load(pc.file)
+    else:
+        with _as_key(cfg, "parameters"):
+            params = ImageParameters.from_values(
+                pc.n_pixels,
+                pc.pixel_size,
+                pc.precision,
+                pc.resolution_factor,
+                pc.viewing_distance,
+                pc.n_inplanes,
+                pc.atom_radii,
+                pc.atom_selection,
+                pc.use_protein_residue_model,
+                pc.atom_shape,
+            )
+        made = cfg.output / "parameters.npz"
+        if made.exists():
+            with _as_key(cfg, "parameters"):
+                earlier = ImageParameters.load(made)
+            if earlier != params:
+                raise ConfigError(
+                    f"{made}: made with other parameters than the config's; results in "
+                    f"{cfg.output} would be stale. Use a new output folder or delete it."
+                )
+    with warnings.catch_warnings():  # the steps warn when they run
+        warnings.simplefilter("ignore", UserWarning)
+        tc = cfg.templates
+        if tc.folder is not None:
+            from cryolike_dask.io.sources import open_templates
+
+            with _as_key(cfg, "templates.folder"):
+                names = tuple(open_templates(tc.folder, params).names)
+        else:
+            with _as_key(cfg, "templates.inputs"):
+                names = tuple(t.name for t in check_inputs(tc.inputs, params, tc.voxel_size))
+        pa = cfg.particles
+        if pa.folder is not None:
+            from cryolike_dask.io.sources import open_particles
+
+            particles = None
+            with _as_key(cfg, "particles.folder"):
+                n_stacks = len(open_particles(pa.folder, params, None).stacks)
+        else:
+            paths = {
+                "particles.mrcs": pa.mrcs,
+                "particles.star": pa.star,
+                "particles.cs": [pa.cs] if pa.cs else [],
+                "particles.cryosparc_job": [pa.cryosparc_job] if pa.cryosparc_job else [],
+                "particles.mrc_folder": [pa.mrc_folder] if pa.mrc_folder else [],
+            }
+            with _as_key(cfg, paths):
+                particles = cp.gather(
+                    mrcs=pa.mrcs,
+                    star=pa.star,
+                    cs=pa.cs,
+                    mrc_folder=pa.mrc_folder,
+                    cryosparc_job=pa.cryosparc_job,
+                    pixel_size=pa.pixel_size,
+                    batch_size=pa.batch_size,
+                )
+                cp.check_against_parameters(particles, params, pa.downsample)
+            n_stacks = len(particles.stacks)
+    lc = cfg.likelihood
+    if lc.structures != "all":
+        for k in lc.structures:
+            if not 0 <= k < len(names):
+                raise ConfigError(
+                    f"{where}likelihood.structures: structure {k} is out of range: the "
+                    f"templates have {len(names)} structure(s) ({', '.join(names)}), "
+                    f"numbered from 0"
+                )
+    if lc.n_stacks is not None and lc.n_stacks > n_stacks:
+        made_of = (
+            f"{pa.folder} holds {n_stacks}"
+            if pa.folder is not None
+            else f"the conversion makes {n_stacks} ({particles.n_particles} particles, "
+            f"particles.batch_size {pa.batch_size})"
+        )
+        raise ConfigError(
+            f"{where}likelihood.n_stacks: {lc.n_stacks} stacks requested but {made_of}"
+        )
+    search = ("max_displacement_pixels", "n_displacements_x", "n_displacements_y")
+    with (
+        _as_key(cfg, {f"likelihood.{name}": [name] for name in search}),
+        warnings.catch_warnings(),  # the likelihood step warns (no search along x, ...)
+    ):
+        warnings.simplefilter("ignore")
+        lc.check_search(params)
+    return CheckedConfig(params, particles, names)
 
 
 def _record(path: Path) -> dict | None:
@@ -215,16 +395,19 @@ def run_config(cfg: RunConfig, *, progress: bool = True, client: Any = None) -> 
         c.memory_limit,
         c.scheduler,
     )
+    checked = check_config(cfg)  # every step's inputs, before a cluster starts
     device = cfg.likelihood.device
     if device == "auto":
         from cryolike_dask.pipeline.cluster import resolve_device
 
         device = resolve_device("auto")
     with get_client(cluster, device, client) as session:
-        return _run_steps(cfg, cluster, session, progress)
+        return _run_steps(cfg, checked, cluster, session, progress)
 
 
-def _run_steps(cfg: RunConfig, cluster: Any, client: Any, progress: bool) -> dict[str, Path]:
+def _run_steps(
+    cfg: RunConfig, checked: CheckedConfig, cluster: Any, client: Any, progress: bool
+) -> dict[str, Path]:
     from cryolike_dask.io.stitch import stitch
     from cryolike_dask.pipeline import convert_particles as cp
     from cryolike_dask.pipeline.driver import OutputFolderInUseError, run_likelihood
@@ -239,29 +422,12 @@ def _run_steps(cfg: RunConfig, cluster: Any, client: Any, progress: bool) -> dic
     outputs: dict[str, Path] = {}
     # 1. parameters
     pc = cfg.parameters
+    params = checked.params  # read, made and compared with an earlier one by check_config
     if pc.file is not None:
-        params = ImageParameters.load(pc.file)
         params_path = pc.file
     else:
-        params = ImageParameters.from_values(
-            pc.n_pixels,
-            pc.pixel_size,
-            pc.precision,
-            pc.resolution_factor,
-            pc.viewing_distance,
-            pc.n_inplanes,
-            pc.atom_radii,
-            pc.atom_selection,
-            pc.use_protein_residue_model,
-            pc.atom_shape,
-        )
         params_path = out / "parameters.npz"
         if params_path.exists():
-            if ImageParameters.load(params_path) != params:
-                raise ConfigError(
-                    f"{params_path}: made with other parameters than the config's; results in "
-                    f"{out} would be stale. Use a new output folder or delete it."
-                )
             log(f"parameters: {params_path} (unchanged)")
         else:
             params.save(params_path)
@@ -318,17 +484,8 @@ def _run_steps(cfg: RunConfig, cluster: Any, client: Any, progress: bool) -> dic
         if folder.exists() and _step_done(folder, key):
             log(f"particles: {particles_path} (complete, skipped)")
         else:
-            particles = cp.gather(
-                mrcs=pa.mrcs,
-                star=pa.star,
-                cs=pa.cs,
-                mrc_folder=pa.mrc_folder,
-                cryosparc_job=pa.cryosparc_job,
-                pixel_size=pa.pixel_size,
-                batch_size=pa.batch_size,
-            )
             cp.convert_particles(
-                particles,
+                checked.particles,
                 params,
                 folder,
                 downsample=pa.downsample,

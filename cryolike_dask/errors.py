@@ -7,6 +7,9 @@ and exit status 2, while any other exception shows as what it is: a bug.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class CryoLikeDaskError(ValueError):
     """Base of every user-facing error of the package (bad input, option or output folder)."""
@@ -24,4 +27,43 @@ class StructureIndexError(CryoLikeDaskError, IndexError):
     """A structure (template file) index is out of range."""
 
 
-__all__ = ["CryoLikeDaskError", "OutputExistsError", "ParameterError", "StructureIndexError"]
+#: ``errno`` values of a full disk or an exhausted quota.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(CryoLikeDaskError):
+    """The disk (or the quota) filled up while writing ``filename``.
+
+    Like an :class:`OSError`, it has ``errno`` and ``filename``.
+    """
+
+    def __init__(self, filename: str | None = None, code: int = errno.ENOSPC) -> None:
+        self.filename, self.errno = filename, code
+        where = f"{filename}: " if filename else ""
+        name = errno.errorcode.get(code, str(code))
+        super().__init__(f"{where}no space left on device (the disk is full, errno {name})")
+
+    def __reduce__(self):  # rebuilt from its fields, also in another process
+        return (type(self), (self.filename, self.errno))
+
+
+def write_error(exc: OSError, path: str | os.PathLike) -> OSError | DiskFullError:
+    """The error to raise for a failed write of ``path``: a :class:`DiskFullError` when the
+    disk is full, else ``exc`` naming ``path`` (a failed ``write`` names no file, a
+    temporary file's name means nothing to the user)."""
+    if exc.errno in DISK_FULL:
+        return DiskFullError(str(path), exc.errno)
+    if exc.filename is None or ".tmp-" in str(exc.filename):
+        return OSError(exc.errno, exc.strerror, str(path))
+    return exc
+
+
+__all__ = [
+    "DISK_FULL",
+    "CryoLikeDaskError",
+    "DiskFullError",
+    "OutputExistsError",
+    "ParameterError",
+    "StructureIndexError",
+    "write_error",
+]

@@ -108,6 +108,16 @@ def _fails(capfd, code: int, *fragments: str) -> str:
     return err
 
 
+def _one_line(capfd, code: int, *fragments: str) -> str:
+    """As :func:`_fails`, and the error is one line (warnings aside) holding every fragment."""
+    err = _fails(capfd, code, *fragments)
+    lines = [line for line in err.splitlines() if line.strip() and ": warning: " not in line]
+    assert len(lines) == 1, err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
 def _edit_npz(path: Path, **changes) -> None:
     fields = read_npz(path)
     for k, v in changes.items():
@@ -185,6 +195,129 @@ def test_missing_and_non_finite_lens_fields(ref_copy, tmp_path, capfd) -> None:
     )
     _fails(capfd, _likelihood(ref_copy, tmp_path / "b"), "'defocusU'", "non-finite", "image 11")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("voltage", 0.0, "field voltage (acceleration voltage, kV) must be positive, not 0"),
+        ("voltage", -300.0, "field voltage (acceleration voltage, kV) must be positive"),
+        ("sphericalAberration", -2.7, "field sphericalAberration (spherical aberration, mm)"),
+        ("amplitudeContrast", 1.0, "field amplitudeContrast (amplitude contrast) must be in"),
+        ("voltage", np.inf, "field 'voltage' is not finite (inf)"),
+    ],
+    ids=["voltage-0", "voltage-negative", "cs-negative", "amplitude-contrast-1", "voltage-inf"],
+)
+def test_impossible_microscope_constants_in_a_stack(
+    ref_copy, tmp_path, capfd, field, value, message
+) -> None:
+    """Voltage, Cs or amplitude contrast the CTF cannot use: the stack's file and field."""
+    _edit_npz(ref_copy / f"{STACK1}.npz", **{field: np.float64(value)})
+    before = _snapshot(ref_copy)
+    out = tmp_path / "out"
+    _one_line(capfd, _likelihood(ref_copy, out), "particles_fourier_stack_000001.npz", message)
+    assert not out.exists() and _snapshot(ref_copy) == before
+
+
+def _star_with(path: Path, reference_dir: Path, column: int, value: str) -> Path:
+    """The reference STAR file with column ``column`` (0-based) of every row set to ``value``."""
+    lines = (reference_dir / "raw" / "particles.star").read_text().splitlines()
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 7 and not line.startswith("_"):
+            parts[column] = value
+            line = " ".join(parts)
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (0, "0", "column rlnVoltage (acceleration voltage, kV) must be positive, not 0"),
+        (0, "-200", "column rlnVoltage (acceleration voltage, kV) must be positive, not -200"),
+        (4, "-1", "column rlnSphericalAberration (spherical aberration, mm) must be 0 or"),
+        (5, "1.5", "column rlnAmplitudeContrast (amplitude contrast) must be in [0, 1)"),
+        (0, "nan", "column rlnVoltage has a non-finite value in row 0"),
+    ],
+    ids=["voltage-0", "voltage-negative", "cs-negative", "amplitude-contrast-1.5", "voltage-nan"],
+)
+def test_impossible_microscope_constants_in_a_star_file(
+    tmp_path, reference_dir, capfd, column, value, message
+) -> None:
+    star = _star_with(tmp_path / "bad.star", reference_dir, column, value)
+    before = star.read_bytes()
+    code = main(
+        [
+            *("convert-particles", "--params", str(reference_dir / "templates" / "parameters.npz")),
+            *(
+                "--output",
+                str(tmp_path / "out"),
+                "--mrcs",
+                str(reference_dir / "raw" / "particles.mrcs"),
+            ),
+            *("--star", str(star), "--no-progress"),
+        ]
+    )
+    _one_line(capfd, code, "bad.star: ", message)
+    assert not (tmp_path / "out").exists() and star.read_bytes() == before
+
+
+def test_zero_pixel_size_in_a_star_file(tmp_path, reference_dir, capfd) -> None:
+    star = tmp_path / "px.star"
+    lines = (reference_dir / "raw" / "particles.star").read_text().splitlines()
+    header_end = max(i for i, line in enumerate(lines) if line.startswith("_rln"))
+    star.write_text(
+        "\n".join(
+            lines[: header_end + 1]
+            + ["_rlnImagePixelSize #8"]
+            + [line + " 0.0" for line in lines[header_end + 1 :] if line.strip()]
+        )
+    )
+    code = main(
+        [
+            *("convert-particles", "--params", str(reference_dir / "templates" / "parameters.npz")),
+            *(
+                "--output",
+                str(tmp_path / "out"),
+                "--mrcs",
+                str(reference_dir / "raw" / "particles.mrcs"),
+            ),
+            *("--star", str(star), "--no-progress"),
+        ]
+    )
+    _one_line(capfd, code, "px.star: column rlnImagePixelSize (pixel size) must be positive, not 0")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("ctf/accel_kv", 0.0, "field ctf/accel_kv (acceleration voltage, kV) must be positive"),
+        ("ctf/cs_mm", -2.7, "field ctf/cs_mm (spherical aberration, mm) must be 0 or positive"),
+        ("ctf/amp_contrast", -0.1, "field ctf/amp_contrast (amplitude contrast) must be in"),
+        ("blob/psize_A", 0.0, "field blob/psize_A (pixel size) must be positive, not 0"),
+    ],
+    ids=["accel_kv-0", "cs_mm-negative", "amp_contrast-negative", "psize_A-0"],
+)
+def test_impossible_microscope_constants_in_a_cs_file(
+    tmp_path, reference_dir, data_dir, capfd, field, value, message
+) -> None:
+    cs = np.load(data_dir / "real" / "empiar_10076_7.cs")
+    cs[field] = value
+    with open(tmp_path / "x.cs", "wb") as f:
+        np.save(f, cs)
+    code = main(
+        [
+            *("convert-particles", "--params", str(reference_dir / "templates" / "parameters.npz")),
+            *("--output", str(tmp_path / "out"), "--cs", str(tmp_path / "x.cs")),
+            *("--mrc-folder", str(data_dir / "real"), "--no-progress"),
+        ]
+    )
+    _one_line(capfd, code, "x.cs: ", message)
+    assert not (tmp_path / "out").exists()
 
 
 def test_extra_field_in_parameters_file(ref_copy, tmp_path, capfd) -> None:
@@ -430,6 +563,184 @@ def test_inputs_are_not_overwritten(ref_copy, tmp_path, capfd) -> None:
     assert _snapshot(ref_copy) == before
 
 
+# ------------------------------------------------------------------------------ run CONFIG
+def _run_config(tmp_path: Path, reference_dir: Path, section: str, **changes) -> Path:
+    """A pipeline config on the reference inputs with ``changes`` in one section."""
+    import yaml
+
+    data = {
+        "output": "out",
+        "parameters": {"file": str(reference_dir / "templates" / "parameters.npz")},
+        "templates": {"inputs": [str(reference_dir / "inputs_pdb" / "1uao.pdb")]},
+        "particles": {
+            "mrcs": [str(reference_dir / "raw" / "particles.mrcs")],
+            "star": [str(reference_dir / "raw" / "particles.star")],
+            "batch_size": 12,
+        },
+        "likelihood": {
+            "max_displacement_pixels": 1.5,
+            "n_displacements_x": 3,
+            "n_displacements_y": 3,
+        },
+        "cluster": {"scheduler": "sync"},
+    }
+    data[section].update(changes)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "fragments"),
+    [
+        ("particles", {"star": ["missing.star"]}, ["particles.star: ", "missing.star: file not"]),
+        ("particles", {"mrcs": ["missing.mrcs"]}, ["particles.mrcs: ", "missing.mrcs"]),
+        (
+            "particles",
+            {"pixel_size": 1.7},
+            ["particles: the images' pixel size is 1.7 Å but the parameters' pixel_size is 1.5"],
+        ),
+        ("templates", {"inputs": ["gone.pdb"]}, ["templates.inputs: ", "gone.pdb: file not found"]),
+        (
+            "likelihood",
+            {"structures": [3]},
+            ["likelihood.structures: structure 3 is out of range", "1 structure(s) (1uao)"],
+        ),
+        (
+            "likelihood",
+            {"n_stacks": 5},
+            ["likelihood.n_stacks: 5 stacks requested but the conversion makes 2"],
+        ),
+        (
+            "likelihood",
+            {"max_displacement_pixels": 40},
+            ["likelihood.max_displacement_pixels: ", "reaches beyond the image"],
+        ),
+        ("likelihood", {"n_stacks": 0}, ["likelihood.n_stacks: Input should be greater than 0"]),
+        ("likelihood", {"precision": "triple"}, ["likelihood.precision: Input should be"]),
+    ],
+    ids=[
+        "missing-star",
+        "missing-mrcs",
+        "pixel-size-conflict",
+        "missing-model",
+        "structure-out-of-range",
+        "n_stacks-too-many",
+        "displacement-beyond-box",
+        "n_stacks-0",
+        "bad-precision",
+    ],
+)
+def test_run_config_checks_every_step_first(
+    tmp_path, reference_dir, capfd, section, changes, fragments
+) -> None:
+    """A later step's bad input is reported before the first step works: nothing written."""
+    config = _run_config(tmp_path, reference_dir, section, **changes)
+    inputs = {sub: _snapshot(reference_dir / sub) for sub in ("raw", "templates", "inputs_pdb")}
+    line = _one_line(capfd, main(["run", str(config), "--no-progress"]), *fragments)
+    assert line.startswith(f"cryolike-dask run: error: {config}: "), line
+    assert not (tmp_path / "out").exists()  # no templates folder, no parameters, nothing
+    assert {sub: _snapshot(reference_dir / sub) for sub in inputs} == inputs
+
+
+# ------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs with ~1.75 MiB taken by a filler file; unmounted afterwards.
+
+    Mounting needs root (CI runs as root); elsewhere the test is skipped.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        (mount / "filler").write_bytes(b"\0" * (1792 * 1024))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        if os.path.ismount(mount):
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_conversion(small_disk, reference_dir, capfd) -> None:
+    """The workers' writes fail with ENOSPC: one line naming the file, nothing left that
+    looks complete, the inputs unchanged."""
+    raw = reference_dir / "raw"
+    before = _snapshot(raw)
+    out = small_disk / "particles"
+    code = main(
+        [
+            *("convert-particles", "--params", str(reference_dir / "templates" / "parameters.npz")),
+            *("--output", str(out), "--mrcs", str(raw / "particles.mrcs")),
+            *("--star", str(raw / "particles.star"), "--batch-size", "6"),
+            *_on_cluster(),
+            "--no-progress",
+        ]
+    )
+    _one_line(capfd, code, f": error: {out}", "no space left on device", "ENOSPC")
+    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not any(p.suffix in (".pt", ".npz") for p in left), left  # no stack looks complete
+    assert not (out / "particles.zarr").exists()
+    assert _snapshot(raw) == before
+
+
+def test_disk_full_during_likelihood(small_disk, ref_copy, capfd, monkeypatch) -> None:
+    """The free-space check passed (patched in the driver) but the writes do not fit: the
+    store tasks on the cluster's workers fail; one line naming results.zarr, no worker log
+    line; no block marked done, no stack's completion record, inputs unchanged."""
+    from collections import namedtuple
+
+    from cryolike_dask.pipeline import driver
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(driver.shutil, "disk_usage", lambda path: usage(2**40, 0, 2**40))
+    (small_disk / "filler").unlink()  # 2 MiB: less than one block's full tensor (2.5 MiB)
+    out = small_disk / "likelihood"
+    before = [_snapshot(ref_copy / sub) for sub in ("templates", "particles")]
+    args = [
+        *("likelihood", "--templates", str(ref_copy / "templates")),
+        *("--particles", str(ref_copy / "particles")),
+        *("--params", str(ref_copy / "templates" / "parameters.npz"), "--output", str(out)),
+        *("--max-displacement-pixels", "1.5", "--n-displacements-x", "3"),
+        *("--n-displacements-y", "3", "--full-cross-correlation", *_on_cluster()),
+        "--no-progress",
+    ]
+    _one_line(
+        capfd, main(args), f": error: {out}/results.zarr", "no space left on device", "ENOSPC"
+    )
+    assert not list(out.glob(".cryolike_dask/template*/stack_*.json"))  # no stack complete
+    assert not list(out.glob("template*/**/*.pt"))
+    if (out / "results.zarr").exists():
+        done = ResultsStore.open(out / "results.zarr", mode="r").done()
+        assert not np.any(done > 0), done
+    assert [_snapshot(ref_copy / sub) for sub in ("templates", "particles")] == before
+
+
+def test_outputs_larger_than_a_small_disk(small_disk, ref_copy, capfd) -> None:
+    """The full cross-correlation tensor cannot fit: refused before any output is written."""
+    out = small_disk / "likelihood"
+    before = [_snapshot(ref_copy / sub) for sub in ("templates", "particles")]
+    _one_line(
+        capfd,
+        _likelihood(ref_copy, out, "--full-cross-correlation"),
+        str(out),
+        "the outputs need ~",
+        "GiB free",
+    )
+    assert (
+        not out.exists()
+        and [_snapshot(ref_copy / sub) for sub in ("templates", "particles")] == before
+    )
+
+
 # ------------------------------------------------------------------------------ fault tolerance
 def _results(out: Path) -> dict[str, np.ndarray]:
     g = ResultsStore.open(out / "results.zarr", mode="r").group
@@ -602,6 +913,92 @@ def test_driver_sigkill_then_resume(bigger, tmp_path) -> None:
             a = torch.load(out / f"template0/{folder}/{name}_stack_{i:06d}.pt")
             b = torch.load(reference / f"template0/{folder}/{name}_stack_{i:06d}.pt")
             assert torch.equal(a, b)
+
+
+#: ``cryolike-dask ARGS`` with each converted stack taking 0.3 s more, so that the process
+#: can be killed part-way (the stacks run in this process: ``--scheduler sync``).
+_SLOW_CONVERSION = """
+import sys, time
+from cryolike_dask.pipeline import convert_particles as cp
+from cryolike_dask.cli import run
+
+convert_stack = cp.convert_stack
+
+def slow(*args):
+    result = convert_stack(*args)
+    time.sleep(0.3)
+    return result
+
+cp.convert_stack = slow
+sys.argv = ["cryolike-dask", *sys.argv[1:]]
+run()
+"""
+
+
+def test_conversion_killed_then_refused_and_redone(reference_dir, tmp_path, capfd) -> None:
+    """``convert-particles`` SIGKILLed after its first stack: ``likelihood`` refuses the
+    folder and its store; ``--overwrite`` then gives an uninterrupted conversion's outputs."""
+    from cryolike_dask.io.zarr_stores import ImageStore
+
+    raw = reference_dir / "raw"
+    params = reference_dir / "templates" / "parameters.npz"
+    before = _snapshot(raw)
+    args = [
+        *("convert-particles", "--params", str(params)),
+        *("--mrcs", str(raw / "particles.mrcs"), "--star", str(raw / "particles.star")),
+        *("--batch-size", "2", "--scheduler", "sync", "--no-progress"),
+    ]
+    out = tmp_path / "particles"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CONVERSION, *args, "--output", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "fft").glob("particles_fourier_stack_*.pt")):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert 1 <= len(list((out / "fft").glob("*.pt"))) < 12  # part-way: 12 stacks in all
+    for particles in (out, out / "particles.zarr"):
+        code = main(
+            [
+                *("likelihood", "--templates", str(reference_dir / "templates")),
+                *("--particles", str(particles), "--params", str(params)),
+                *("--output", str(tmp_path / "likelihood"), "--scheduler", "sync"),
+            ]
+        )
+        _one_line(capfd, code, "particles.zarr: incomplete (the run that made it did not finish)")
+    assert not (tmp_path / "likelihood").exists()
+    # without --overwrite the half-made folder is not silently reused
+    _one_line(capfd, main([*args, "--output", str(out)]), "exists; pass --overwrite")
+    assert main([*args, "--output", str(out), "--overwrite"]) == 0
+    reference = tmp_path / "reference"
+    assert main([*args, "--output", str(reference)]) == 0
+    names = sorted(p.name for p in (reference / "fft").iterdir())
+    assert sorted(p.name for p in (out / "fft").iterdir()) == names and len(names) == 24
+    for name in names:
+        a, b = out / "fft" / name, reference / "fft" / name
+        if name.endswith(".pt"):
+            assert torch.equal(torch.load(a), torch.load(b)), name
+        else:
+            fa, fb = read_npz(a), read_npz(b)
+            assert sorted(fa) == sorted(fb), name
+            for k in fa:
+                np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+    got, want = (
+        ImageStore.open(out / "particles.zarr"),
+        ImageStore.open(reference / "particles.zarr"),
+    )
+    (ia, la), (ib, lb) = got.read(0, 24), want.read(0, 24)
+    np.testing.assert_array_equal(ia, ib)
+    for k in lb:
+        np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+    assert _snapshot(raw) == before
 
 
 # ------------------------------------------------------------------------------ fuzzing

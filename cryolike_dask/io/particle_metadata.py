@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cryolike_dask.errors import CryoLikeDaskError
-from cryolike_dask.params.lens import LensParameters
+from cryolike_dask.params.lens import LensParameters, check_microscope
+from cryolike_dask.params.npz import ParameterFileError
 
 
 class MetadataError(CryoLikeDaskError):
@@ -117,13 +118,41 @@ def _column(table, name: str, path: Path, expected: str, default: float | None =
 
 
 def _one(values: np.ndarray, name: str, path: Path) -> float:
+    """The one value of a column (``name``: a STAR column without ``rln``, or a ``.cs``
+    field with its ``/``)."""
     uniq = np.unique(values)
     if uniq.size != 1:
+        label = name if "/" in name else f"rln{name}"
         raise MetadataError(
-            f"{path}: rln{name} takes several values ({', '.join(f'{v:g}' for v in uniq[:4])}); "
+            f"{path}: {label} takes several values ({', '.join(f'{v:g}' for v in uniq[:4])}); "
             "one value per file is supported"
         )
     return float(uniq[0])
+
+
+#: The names STAR and .cs files give the microscope constants (see ``check_microscope``).
+STAR_NAMES = {
+    "voltage": "column rlnVoltage",
+    "spherical_aberration": "column rlnSphericalAberration",
+    "amplitude_contrast": "column rlnAmplitudeContrast",
+}
+CS_NAMES = {
+    "voltage": "field ctf/accel_kv",
+    "spherical_aberration": "field ctf/cs_mm",
+    "amplitude_contrast": "field ctf/amp_contrast",
+}
+
+
+def _check_microscope(path: Path, names: dict[str, str], scalars: dict[str, float]) -> None:
+    try:
+        check_microscope(str(path), names, **scalars)
+    except ParameterFileError as exc:
+        raise MetadataError(str(exc)) from None
+
+
+def _check_pixel(path: Path, field: str, value: float) -> None:
+    if not (np.isfinite(value) and value > 0):
+        raise MetadataError(f"{path}: {field} (pixel size) must be positive, not {value:g}")
 
 
 def read_star(path: str | os.PathLike, indexed: bool | None = None) -> ParticleRecords:
@@ -139,18 +168,22 @@ def read_star(path: str | os.PathLike, indexed: bool | None = None) -> ParticleR
     table = _table(p)
     if len(table) == 0:
         raise MetadataError(f"{p}: no particles")
+    scalars = {
+        "spherical_aberration": _one(
+            _column(table, "SphericalAberration", p, "Cs, mm"), "SphericalAberration", p
+        ),
+        "voltage": _one(_column(table, "Voltage", p, "kV"), "Voltage", p),
+        "amplitude_contrast": _one(
+            _column(table, "AmplitudeContrast", p, "", default=0.1), "AmplitudeContrast", p
+        ),
+    }
+    _check_microscope(p, STAR_NAMES, scalars)
     lens = LensParameters(
         defocus_u=_column(table, "DefocusU", p, "defocus U, Å"),
         defocus_v=_column(table, "DefocusV", p, "defocus V, Å"),
         defocus_angle=np.deg2rad(_column(table, "DefocusAngle", p, "astigmatism angle, degrees")),
         phase_shift=np.deg2rad(_column(table, "PhaseShift", p, "degrees", default=0.0)),
-        spherical_aberration=_one(
-            _column(table, "SphericalAberration", p, "Cs, mm"), "SphericalAberration", p
-        ),
-        voltage=_one(_column(table, "Voltage", p, "kV"), "Voltage", p),
-        amplitude_contrast=_one(
-            _column(table, "AmplitudeContrast", p, "", default=0.1), "AmplitudeContrast", p
-        ),
+        **scalars,
         ctf_bfactor=float(_column(table, "CtfBfactor", p, "", default=0.0)[0]),
         ctf_scalefactor=float(_column(table, "CtfScalefactor", p, "", default=1.0)[0]),
         astigmatism_convention="relion",
@@ -172,10 +205,13 @@ def read_star(path: str | os.PathLike, indexed: bool | None = None) -> ParticleR
     pixel = None
     if "ImagePixelSize" in table.columns:
         pixel = _one(_column(table, "ImagePixelSize", p, "Å"), "ImagePixelSize", p)
+        _check_pixel(p, "column rlnImagePixelSize", pixel)
     elif "DetectorPixelSize" in table.columns and "Magnification" in table.columns:
         det = _one(_column(table, "DetectorPixelSize", p, "µm"), "DetectorPixelSize", p)
         mag = _one(_column(table, "Magnification", p, ""), "Magnification", p)
-        pixel = det * 1e4 / mag if mag > 0 else None
+        _check_pixel(p, "column rlnDetectorPixelSize", det)
+        _check_pixel(p, "column rlnMagnification", mag)
+        pixel = det * 1e4 / mag
     return ParticleRecords(p, np.arange(len(table), dtype=np.int64), lens, files, indices, pixel)
 
 
@@ -219,21 +255,28 @@ def read_cs(path: str | os.PathLike, indexed: bool = True) -> ParticleRecords:
         return values
 
     phase = num("ctf/phase_shift_rad") if "ctf/phase_shift_rad" in names else np.zeros(data.size)
+    scalars = {
+        "spherical_aberration": _one(num("ctf/cs_mm"), "ctf/cs_mm", p),
+        "voltage": _one(num("ctf/accel_kv"), "ctf/accel_kv", p),
+        "amplitude_contrast": _one(num("ctf/amp_contrast"), "ctf/amp_contrast", p),
+    }
+    _check_microscope(p, CS_NAMES, scalars)
     lens = LensParameters(
         num("ctf/df1_A"),
         num("ctf/df2_A"),
         num("ctf/df_angle_rad"),
         phase,
-        _one(num("ctf/cs_mm"), "cs_mm", p),
-        _one(num("ctf/accel_kv"), "accel_kv", p),
-        _one(num("ctf/amp_contrast"), "amp_contrast", p),
         astigmatism_convention="relion",
+        **scalars,
     )
     files = indices = None
     if indexed:
         files = [f.decode() if isinstance(f, bytes) else str(f) for f in data["blob/path"]]
         indices = np.asarray(data["blob/idx"], dtype=np.int64)
-    pixel = float(np.asarray(data["blob/psize_A"]).ravel()[0]) if "blob/psize_A" in names else None
+    pixel = None
+    if "blob/psize_A" in names:
+        pixel = float(num("blob/psize_A")[0])
+        _check_pixel(p, "field blob/psize_A", pixel)
     return ParticleRecords(p, np.arange(data.size, dtype=np.int64), lens, files, indices, pixel)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cryolike_dask.errors import CryoLikeDaskError
+from cryolike_dask.errors import CryoLikeDaskError, write_error
 
 
 class TorchFileError(CryoLikeDaskError):
@@ -42,13 +42,44 @@ def load_tensor(path: str | os.PathLike, what: str = "tensor") -> np.ndarray:
     return obj.detach().contiguous().numpy()
 
 
+class _Writer:
+    """A file for ``torch.save`` that keeps the OS error of a failed write (torch reports a
+    full disk as ``RuntimeError: ... unexpected pos``, without the reason)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename. A failed write (a full disk, ...)
+    raises the ``OSError`` naming ``path``; the temporary file is removed."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                writer = _Writer(f)
+                try:
+                    torch.save(obj, writer)
+                except RuntimeError:
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
+        except OSError as exc:  # also the last flush, at close
+            raise write_error(exc, path) from None
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -59,6 +59,64 @@ def _single(value: Any, name: str, source: str) -> float:
     return v
 
 
+#: The microscope constants each lens-parameter file holds once, under its own field names:
+#: attribute -> (what it is, unit).
+SCALAR_FIELDS = {
+    "voltage": ("acceleration voltage", "kV"),
+    "spherical_aberration": ("spherical aberration", "mm"),
+    "amplitude_contrast": ("amplitude contrast", ""),
+}
+
+#: The names CryoLike's stack ``.npz`` files give them.
+NPZ_NAMES = {
+    "voltage": "field voltage",
+    "spherical_aberration": "field sphericalAberration",
+    "amplitude_contrast": "field amplitudeContrast",
+}
+
+
+def check_microscope(
+    source: str,
+    names: dict[str, str] | None = None,
+    *,
+    voltage: float,
+    spherical_aberration: float,
+    amplitude_contrast: float,
+) -> None:
+    """Refuse a voltage, spherical aberration or amplitude contrast the CTF cannot use.
+
+    The voltage must be positive, Cs at least 0 (0: an aberration-corrected microscope) and
+    the amplitude contrast in [0, 1), all finite. The message names ``source`` (the file)
+    and the field as that file calls it (``names``: attribute -> ``"field voltage"``,
+    ``"column rlnVoltage"``, ...).
+
+    Raises
+    ------
+    ParameterFileError
+        Naming the file, the field and the value.
+    """
+    names = {**NPZ_NAMES, **(names or {})}
+    values = {
+        "voltage": voltage,
+        "spherical_aberration": spherical_aberration,
+        "amplitude_contrast": amplitude_contrast,
+    }
+    rules = {
+        "voltage": (lambda v: v > 0, "must be positive"),
+        "spherical_aberration": (lambda v: v >= 0, "must be 0 or positive"),
+        "amplitude_contrast": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    }
+    for attr, value in values.items():
+        ok, rule = rules[attr]
+        what, unit = SCALAR_FIELDS[attr]
+        v = float(value)
+        if not math.isfinite(v) or not ok(v):
+            rule = "must be finite" if not math.isfinite(v) else rule
+            raise ParameterFileError(
+                f"{source}: {names[attr]} ({what}{', ' + unit if unit else ''}) {rule}, not {v:g}"
+            )
+
+
 @dataclass(frozen=True, eq=False)
 class LensParameters:
     """CTF parameters of ``M`` images.
@@ -109,12 +167,12 @@ class LensParameters:
         object.__setattr__(self, "phase_shift", _per_image(self.phase_shift, n, "phaseShift", src))
         for name in ("spherical_aberration", "voltage", "amplitude_contrast"):
             object.__setattr__(self, name, _single(getattr(self, name), name, src))
-        if self.voltage <= 0:
-            raise ParameterFileError(f"{src}: voltage must be positive (kV), not {self.voltage}")
-        if not 0.0 <= self.amplitude_contrast < 1.0:
-            raise ParameterFileError(
-                f"{src}: amplitudeContrast must be in [0, 1), not {self.amplitude_contrast}"
-            )
+        check_microscope(
+            src,
+            voltage=self.voltage,
+            spherical_aberration=self.spherical_aberration,
+            amplitude_contrast=self.amplitude_contrast,
+        )
         if self.astigmatism_convention not in ASTIGMATISM_CONVENTIONS:
             raise ParameterFileError(
                 f"{src}: astigmatism_convention must be one of {ASTIGMATISM_CONVENTIONS}, not "
@@ -151,6 +209,20 @@ class LensParameters:
             if k in fields
         }
         try:
+            scalars = {
+                "spherical_aberration": _single(
+                    require(fields, "sphericalAberration", source, "Cs in mm"),
+                    "sphericalAberration",
+                    source,
+                ),
+                "voltage": _single(require(fields, "voltage", source, "kV"), "voltage", source),
+                "amplitude_contrast": _single(
+                    0.1 if fields.get("amplitudeContrast") is None else fields["amplitudeContrast"],
+                    "amplitudeContrast",
+                    source,
+                ),
+            }
+            check_microscope(source, **scalars)
             return cls(
                 defocus_u=_per_image(u, n, "defocusU", source),
                 defocus_v=_per_image(
@@ -171,17 +243,7 @@ class LensParameters:
                     "phaseShift",
                     source,
                 ),
-                spherical_aberration=_single(
-                    require(fields, "sphericalAberration", source, "Cs in mm"),
-                    "sphericalAberration",
-                    source,
-                ),
-                voltage=_single(require(fields, "voltage", source, "kV"), "voltage", source),
-                amplitude_contrast=_single(
-                    0.1 if fields.get("amplitudeContrast") is None else fields["amplitudeContrast"],
-                    "amplitudeContrast",
-                    source,
-                ),
+                **scalars,
                 ctf_bfactor=_scalar_or_first(fields.get("ctfBfactor"), 0.0),
                 ctf_scalefactor=_scalar_or_first(fields.get("ctfScalefactor"), 1.0),
                 astigmatism_convention=str(conv),

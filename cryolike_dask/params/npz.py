@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
+from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError, write_error
 
 
 class ParameterFileError(CryoLikeDaskError):
@@ -106,7 +106,10 @@ def write_npz(path: str | os.PathLike, fields: Mapping[str, Any], overwrite: boo
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}.npz")
     try:
-        np.savez_compressed(tmp, **arrays)
+        try:
+            np.savez_compressed(tmp, **arrays)
+        except OSError as exc:  # a full disk: name the file, not its temporary name
+            raise write_error(exc, p) from None
         os.replace(tmp, p)
     finally:
         if tmp.exists():
