@@ -90,6 +90,9 @@ USE_TORCH = True
 
 _TORCH: list[Any] = []
 _TORCH_DTYPES = (np.dtype(np.complex64), np.dtype(np.complex128))
+#: GEMMs also take real operands (one BLAS in the process: OpenBLAS threads that spin after
+#: a NumPy GEMM slow down the next MKL one on the same cores)
+_MATMUL_DTYPES = (*_TORCH_DTYPES, np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _torch() -> Any:
@@ -103,13 +106,13 @@ def _torch() -> Any:
     return _TORCH[0]
 
 
-def _torch_ok(*arrays: Any) -> bool:
+def _torch_ok(*arrays: Any, dtypes: tuple[np.dtype, ...] = _TORCH_DTYPES) -> bool:
     return (
         USE_TORCH
         and _torch() is not None
         and all(
             isinstance(a, np.ndarray)
-            and a.dtype in _TORCH_DTYPES
+            and a.dtype in dtypes
             and a.flags.writeable  # torch warns on read-only memory (memory-mapped inputs)
             and min(a.strides, default=0) >= 0
             for a in arrays
@@ -152,12 +155,12 @@ class _TorchThreads:
 
 
 def matmul(xp: ModuleType, a: Any, b: Any, *, out: Any = None, workers: int | None = None) -> Any:
-    """``xp.matmul(a, b, out=out)``; NumPy complex inputs go through torch's MKL (zero-copy).
+    """``xp.matmul(a, b, out=out)``; NumPy float inputs go through torch's MKL (zero-copy).
 
-    Same values as NumPy/OpenBLAS to float rounding (both are exact complex GEMMs). ``out``
+    Same values as NumPy/OpenBLAS to float rounding (both are exact GEMMs). ``out``
     (C-contiguous, of the result's shape and dtype) saves the page faults of a fresh result.
     """
-    if xp is np and _torch_ok(a, b) and a.dtype == b.dtype:
+    if xp is np and _torch_ok(a, b, dtypes=_MATMUL_DTYPES) and a.dtype == b.dtype:
         torch = _torch()
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         if out is None or out.shape != shape or out.dtype != a.dtype or not out.flags.c_contiguous:
@@ -195,3 +198,26 @@ def irfft(
                 return out
             return torch.fft.irfft(tx, n=n, dim=axis, norm="forward").numpy()
     return fft_module(xp).irfft(x, n=n, axis=axis, norm="forward", **fft_kwargs(xp, workers))
+
+
+def run_ranges(fn: Any, n_items: int, workers: int | None) -> None:
+    """Call ``fn(lo, hi)`` on contiguous ranges covering ``range(n_items)``, on host threads.
+
+    ``workers`` threads (one when ``None``: a Dask task thread shares the cores, as SciPy's
+    FFTs do); ``fn`` must release the GIL for most of its time (NumPy ufuncs do) and must not
+    share writable state between ranges. Four ranges per thread, taken as threads free up,
+    so that a core busy with other work delays only its share. Exceptions propagate.
+    """
+    n = max(1, min(int(workers or 1), n_items))
+    if n == 1:
+        fn(0, n_items)
+        return
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    tasks = min(n_items, 4 * n)
+    bounds = [round(i * n_items / tasks) for i in range(tasks + 1)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(fn, lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+        for f in futures:
+            f.result()

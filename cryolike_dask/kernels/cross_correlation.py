@@ -27,7 +27,14 @@ import numpy as np
 
 from cryolike_dask.errors import CryoLikeDaskError
 from cryolike_dask.grids.polar import PolarGrid
-from cryolike_dask.kernels.backend import array_module, fft_kwargs, fft_module, irfft, matmul
+from cryolike_dask.kernels.backend import (
+    array_module,
+    fft_kwargs,
+    fft_module,
+    irfft,
+    matmul,
+    run_ranges,
+)
 from cryolike_dask.kernels.fourier_bessel import n_orders
 from cryolike_dask.kernels.likelihood import LikelihoodConstants
 from cryolike_dask.kernels.reduction import logsumexp
@@ -442,14 +449,14 @@ def batch_sizes(
     """``(images, templates)`` per internal step so that its temporaries fit ``work_bytes``.
 
     A step holds the complex ``[Q, m, s·D]`` GEMM result and the real ``[m, s, D, W]``
-    correlation (plus one more real tensor for the integrated likelihood). Images are
+    correlation (plus, on a GPU, one more real tensor for the integrated likelihood). Images are
     grouped up to :data:`GEMM_IMAGES` for GEMM efficiency; templates are then chunked to fit.
     """
     n_d, n_w = templates.n_displacements, templates.n_inplanes
     real = np.dtype(templates.spectrum.dtype).itemsize // 2
-    per_pair = n_d * (
-        n_orders(n_w) * 2 * real + n_w * real * (2 if outputs.integrated_likelihood else 1)
-    )
+    # on the host the likelihood runs in cache-sized chunks (no second full tensor)
+    second = outputs.integrated_likelihood and array_module(templates.spectrum) is not np
+    per_pair = n_d * (n_orders(n_w) * 2 * real + n_w * real * (2 if second else 1))
     m = max(1, min(n_images, GEMM_IMAGES, work_bytes // max(per_pair, 1)))
     s = max(1, min(templates.n_templates, work_bytes // max(per_pair * m, 1)))
     # cuFFT plans at most 2**31 - 1 elements per transform
@@ -519,7 +526,9 @@ def correlate_block(
     isx_all = None
     if outputs.integrated_likelihood:
         # Isx[m, s] = Σ ωI · mask · C[m] · T[s] (undisplaced, unrotated template: spec §11)
-        isx_all = images.ctf.astype(templates.mask_weighted.dtype) @ templates.mask_weighted.T
+        isx_all = _mask_overlap(
+            images.ctf, templates.mask_weighted, xp, workers, images.isotropic_ctf, n_w
+        )
 
     m_step, s_step = batch_sizes(templates, n_m, outputs, work_bytes)
     n_q = templates.spectrum.shape[0]
@@ -556,21 +565,45 @@ def correlate_block(
             del xq
             x = x.reshape(mb, sb, n_d, n_w).astype(rdt, copy=False)  # raw correlation X
             ixx = ixx_all[:, s0:s1]
-
+            factors = None
             if outputs.integrated_likelihood:
                 assert likelihood is not None and isx_all is not None and ll_ms is not None
-                ll_ms[m0:m1, s0:s1] = _integrated_log_likelihood(
-                    x,
-                    ixx,
-                    iyy,
-                    isx_all[m0:m1, s0:s1],
-                    images.mask_overlap[m0:m1],
-                    likelihood,
-                    xp,
+                factors = _likelihood_factors(
+                    ixx, iyy, isx_all[m0:m1, s0:s1], images.mask_overlap[m0:m1], likelihood
                 )
-
             with _errstate(xp):  # a zero norm gives inf/NaN, reported below with its indices
                 inv_norm = 1.0 / xp.sqrt(ixx * iyy[:, None, None])  # [mb, s, W]
+
+            if xp is np:
+                # host: every post-GEMM step in one sweep over cache-sized chunks of x
+                best, arg, ll, _ = _host_reduce(
+                    x,
+                    factors,
+                    likelihood,
+                    inv_norm,
+                    argmax=("raw" if skip_norm else "normalised") if reduced_only else None,
+                    workers=workers,
+                )
+                if ll is not None:
+                    ll_ms[m0:m1, s0:s1] = ll
+                if reduced_only:
+                    best_ms[m0:m1, s0:s1] = best
+                    pose_ms[m0:m1, s0:s1] = arg
+                    continue
+                cc = x  # normalise in place
+                with _errstate(xp):
+                    cc *= inv_norm[:, :, None, :]
+            else:
+                if factors is not None:
+                    ll_ms[m0:m1, s0:s1] = _integrated_log_likelihood(
+                        x,
+                        ixx,
+                        iyy,
+                        isx_all[m0:m1, s0:s1],
+                        images.mask_overlap[m0:m1],
+                        likelihood,
+                        xp,
+                    )
                 if skip_norm:
                     flat = x.reshape(mb, sb, n_d * n_w)
                     arg = xp.argmax(flat, axis=-1)
@@ -581,7 +614,8 @@ def correlate_block(
                     pose_ms[m0:m1, s0:s1] = arg
                     continue
                 cc = x  # normalise in place
-                cc *= inv_norm[:, :, None, :]
+                with _errstate(xp):
+                    cc *= inv_norm[:, :, None, :]
             flat = cc.reshape(mb, sb, n_d * n_w)
             arg = xp.argmax(flat, axis=-1)
             best_ms[m0:m1, s0:s1] = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
@@ -619,6 +653,61 @@ def correlate_block(
     )
 
 
+def _mask_overlap(
+    ctf: Any,
+    mask_weighted: Any,
+    xp: Any,
+    workers: int | None = None,
+    isotropic: bool = False,
+    n_inplanes: int = 1,
+) -> Any:
+    """``Isx = C @ (ωI · mask · T)ᵀ`` ``[M, S]`` complex, with the real CTF ``[M, N·W]``.
+
+    Two real GEMMs in one (real and imaginary parts side by side) instead of a complex GEMM
+    on a complex copy of the CTF: the same products, a fifth of the time. An isotropic CTF
+    is constant along the angle, so the masked templates are summed over the angle first
+    (``W`` times less work).
+    """
+    n_m, n_s = ctf.shape[0], mask_weighted.shape[0]
+    if isotropic:
+        ctf = ctf.reshape(n_m, -1, n_inplanes)[:, :, 0]  # [M, N]
+        mask_weighted = mask_weighted.reshape(n_s, -1, n_inplanes).sum(axis=-1)  # [S, N]
+    parts = xp.concatenate([mask_weighted.real, mask_weighted.imag], axis=0)  # [2S, N·W]
+    ctf = xp.ascontiguousarray(ctf.astype(parts.dtype, copy=False))
+    both = matmul(xp, ctf, parts.T, workers=workers)  # [M, 2S]
+    return (both[:, :n_s] + 1j * both[:, n_s:]).astype(mask_weighted.dtype, copy=False)
+
+
+def _likelihood_factors(
+    ixx: Any, iyy: Any, isx: Any, isy: Any, constants: LikelihoodConstants
+) -> tuple[Any, Any, Any, Any]:
+    """``(A [mb,S,W], k/Iss [mb,S], −Iss²/A [mb,S,W], C [mb])`` of the BioEM likelihood.
+
+    With them ``D = (X − k/Iss)² · (−Iss²/A) − C`` per pose (see
+    :func:`_integrated_log_likelihood`); ``k = Re(conj(Isx) Isy)``.
+    """
+    iss = constants.mask_integral
+    rdt = ixx.dtype
+    a = ixx * iss - (isx.real**2 + isx.imag**2)[:, :, None]  # [mb, S, W]
+    k = (isx.real * isy.real[:, None] + isx.imag * isy.imag[:, None]).astype(rdt)
+    c = ((isy.real**2 + isy.imag**2) - iyy * iss).astype(rdt)  # [mb]
+    with _errstate(array_module(a)):
+        scale = rdt.type(-(iss**2)) / a
+    return a, k / rdt.type(iss), scale, c
+
+
+def _log_likelihood_from_sums(
+    d0: Any, sums: Any, a: Any, constants: LikelihoodConstants, xp: Any
+) -> Any:
+    """``logsumexp_w(−p ln D₀ + ln Σ_d (D₀/D)^p − ½ ln A) + const``, ``[mb, S]``."""
+    p = constants.exponent
+    rdt = d0.dtype
+    with _errstate(xp):
+        per_w = rdt.type(-p) * xp.log(d0) + xp.log(sums) - rdt.type(0.5) * xp.log(a)
+        per_w = xp.where(d0 == 0, rdt.type(np.inf), per_w)  # a pose with D = 0: L = +inf
+    return logsumexp(per_w, axis=-1) + rdt.type(constants.constant)
+
+
 def _integrated_log_likelihood(
     x: Any, ixx: Any, iyy: Any, isx: Any, isy: Any, constants: LikelihoodConstants, xp: Any
 ) -> Any:
@@ -631,30 +720,127 @@ def _integrated_log_likelihood(
     log-sum over displacements is taken first, for each rotation, without logarithms or
     exponentials of the large tensor: with ``D₀ = min_d D`` (the best displacement),
     ``logsumexp_d(−p ln D) = −p ln D₀ + ln Σ_d (D₀/D)^p`` and every ``(D₀/D)^p ∈ [0, 1]``
-    (no overflow). Eight passes over ``[mb, S, D, W]`` (was thirteen); the rest is on
-    ``[mb, S, W]``.
+    (no overflow). Whole-tensor passes (the device path); on the host :func:`_host_reduce`
+    does the same operations chunk by chunk.
     """
-    iss = constants.mask_integral
-    p = constants.exponent
+    a, shift, scale, c = _likelihood_factors(ixx, iyy, isx, isy, constants)
     rdt = x.dtype
-    a = ixx * iss - (isx.real**2 + isx.imag**2)[:, :, None]  # [mb, S, W]
-    k = (isx.real * isy.real[:, None] + isx.imag * isy.imag[:, None]).astype(
-        rdt
-    )  # Re(conj(Isx) Isy)
-    c = ((isy.real**2 + isy.imag**2) - iyy * iss).astype(rdt)  # [mb]
     with _errstate(xp):
         # D = (X − k/Iss)² · (−Iss²/A) − C, in place on one temporary
-        t = x - (k / rdt.type(iss))[:, :, None, None]
+        t = x - shift[:, :, None, None]
         t *= t
-        t *= (rdt.type(-(iss**2)) / a)[:, :, None, :]
+        t *= scale[:, :, None, :]
         t -= c[:, None, None, None]
         d0 = xp.min(t, axis=2)  # [mb, S, W]
         xp.divide(d0[:, :, None, :], t, out=t)
-        xp.power(t, rdt.type(p), out=t)
+        xp.power(t, rdt.type(constants.exponent), out=t)
         sums = xp.sum(t, axis=2)  # [mb, S, W]
-        per_w = rdt.type(-p) * xp.log(d0) + xp.log(sums) - rdt.type(0.5) * xp.log(a)
-        per_w = xp.where(d0 == 0, rdt.type(np.inf), per_w)  # a pose with D = 0: L = +inf
-    return logsumexp(per_w, axis=-1) + rdt.type(constants.constant)
+    return _log_likelihood_from_sums(d0, sums, a, constants, xp)
+
+
+#: Elements of ``x`` per chunk of :func:`_host_reduce` (a few such buffers stay in L2).
+HOST_CHUNK_ELEMENTS = 2**17
+
+
+def _power_floor(dtype: Any, exponent: float) -> Any:
+    """Smallest ratio kept by :func:`_host_reduce`: ``(tiny / eps)^(1/p)`` of ``dtype``.
+
+    Below it ``(D₀/D)^p < tiny / eps`` (``2⁻¹⁰³`` in single precision): such ratios are raised
+    to the floor, whose power is a normal number, because NumPy's vectorised power falls back
+    to a scalar path ≈ 50-100 times slower for every element whose result is subnormal or
+    zero (most elements when ``p = Npix/2 − 2`` is in the thousands and the likelihood is
+    peaked). Each such term then adds at most ``tiny / eps`` to a sum that is at least 1 (the
+    ``D₀`` term itself) and whose rounding step is ``eps``: the sums are unchanged.
+    """
+    fi = np.finfo(np.dtype(dtype))
+    return fi.dtype.type(np.exp(np.log(float(fi.tiny) / float(fi.eps)) / exponent))
+
+
+def _host_reduce(
+    x: np.ndarray,
+    factors: tuple[Any, Any, Any, Any] | None,
+    constants: LikelihoodConstants | None,
+    inv_norm: np.ndarray,
+    *,
+    argmax: str | None,
+    workers: int | None,
+) -> tuple[Any, Any, Any, Any]:
+    """Post-GEMM reductions of a NumPy batch in one sweep over cache-sized chunks.
+
+    ``x`` is the raw correlation ``[mb, S, D, W]``. With ``factors``
+    (:func:`_likelihood_factors`) and ``constants``: the integrated log-likelihood ``[mb, S]``
+    by the operations of :func:`_integrated_log_likelihood`, element for element, but on
+    chunks of a few (image, template) pairs that stay in cache instead of eight passes
+    through memory, and ``Σ_d (D₀/D)^p`` ``[mb, S, W]``. ``argmax``: ``"raw"`` (isotropic
+    CTF: arg-max of ``x``, only the best value normalised), ``"normalised"`` (``x *=
+    inv_norm`` in place, then the arg-max) or ``None``; gives the best value and its flat
+    ``d·W + w`` ``[mb, S]``. Chunks run on ``workers`` threads. Returns
+    ``(best, arg, log_likelihood, sums)``, ``None`` for what was not asked.
+    """
+    mb, sb, n_d, n_w = x.shape
+    n_p = mb * sb
+    rdt = x.dtype
+    x3 = x.reshape(n_p, n_d, n_w)
+    inv_p = np.ascontiguousarray(inv_norm).reshape(n_p, n_w)
+    best = np.empty(n_p, rdt) if argmax else None
+    arg = np.empty(n_p, np.int64) if argmax else None
+    ll = sums = None
+    if factors is not None:
+        assert constants is not None
+        a, shift, scale, c = factors
+        a_p = np.ascontiguousarray(a).reshape(n_p, n_w)
+        shift_p = np.ascontiguousarray(shift).reshape(n_p)
+        scale_p = np.ascontiguousarray(scale).reshape(n_p, n_w)
+        c_p = np.repeat(c, sb)
+        p = rdt.type(constants.exponent)
+        floor = _power_floor(rdt, constants.exponent)
+        d0 = np.empty((n_p, n_w), rdt)
+        sums = np.empty((n_p, n_w), rdt)
+        ll = np.empty(n_p, rdt)
+    per = max(1, HOST_CHUNK_ELEMENTS // max(n_d * n_w, 1))
+
+    def work(lo: int, hi: int) -> None:
+        # error state is per thread: set it here (inf/NaN are handled by the caller)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            t = np.empty((min(per, hi - lo), n_d, n_w), rdt) if factors is not None else None
+            for c0 in range(lo, hi, per):
+                c1 = min(hi, c0 + per)
+                n = c1 - c0
+                xc = x3[c0:c1]
+                if factors is not None:
+                    tc = t[:n]
+                    np.subtract(xc, shift_p[c0:c1, None, None], out=tc)
+                    np.multiply(tc, tc, out=tc)
+                    np.multiply(tc, scale_p[c0:c1, None, :], out=tc)
+                    np.subtract(tc, c_p[c0:c1, None, None], out=tc)
+                    np.min(tc, axis=1, out=d0[c0:c1])
+                    np.divide(d0[c0:c1, None, :], tc, out=tc)
+                    np.maximum(tc, floor, out=tc)
+                    np.power(tc, p, out=tc)
+                    np.sum(tc, axis=1, out=sums[c0:c1])
+                if argmax is None:
+                    continue
+                if argmax == "normalised":
+                    xc *= inv_p[c0:c1, None, :]
+                flat = xc.reshape(n, n_d * n_w)
+                am = np.argmax(flat, axis=1)
+                rows = np.arange(n)
+                b = flat[rows, am]
+                if argmax == "raw":  # the very factor the full normalisation gives this pose
+                    b *= inv_p[c0:c1][rows, am % n_w]
+                best[c0:c1] = b
+                arg[c0:c1] = am
+            if factors is not None:  # rows are independent: same values as one call
+                ll[lo:hi] = _log_likelihood_from_sums(
+                    d0[lo:hi], sums[lo:hi], a_p[lo:hi], constants, np
+                )
+
+    run_ranges(work, n_p, workers)
+
+    def shaped(v: Any, *tail: int) -> Any:
+        return None if v is None else v.reshape(mb, sb, *tail)
+
+    return shaped(best), shaped(arg), shaped(ll), shaped(sums, n_w)
 
 
 class _errstate:
