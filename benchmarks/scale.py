@@ -565,11 +565,23 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
     n_b = len(rows)
     setup = total_s - makespan
 
+    # steady state: between the first and the last batch's completion every worker has queued
+    # work (the next batch is in flight), so the share of worker time spent in kernels there is
+    # the utilisation a long run keeps; the rest of the makespan is paid once per run
+    ends = sorted(c["t_end"] for c in done_batches)
+    util, window = 1.0 - overhead, 0.0
+    if len(ends) >= 2:
+        lo, hi = ends[0], ends[-2] if len(ends) > 2 else ends[-1]
+        window = hi - lo
+        if window > 0:
+            busy = np.clip(kern[:, 1], lo, hi) - np.clip(kern[:, 0], lo, hi)
+            util = float(busy.sum()) / (w * window)
+    one_off = max(0.0, makespan - ideal / util)
+
     # the full job: every structure is the same graph; the pipeline fills and drains once
-    scale = args.total_structures / args.structures
     per_struct_model = modelled_total / args.structures
     full_ideal = per_struct_model * args.total_structures / w
-    full_wall = (bound / f + steady) * scale + fill + tail + setup
+    full_wall = full_ideal / util + one_off + setup
     gpu_h = full_wall * w / 3600
     ideal_gpu_h = per_struct_model * args.total_structures / 3600
 
@@ -614,6 +626,11 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         f"kernel) {fill:.2f} s, tail (last kernel end → stored) {tail:.2f} s, steady-state "
         f"overhead {steady:.2f} s over {n_b} batch(es)"
     )
+    p(
+        f"steady state (first → second-last batch's completion, {window:.1f} s): workers "
+        f"{100 * util:.1f}% in kernels, overhead {100 * (1 - util):.1f}%; paid once per run "
+        f"(fill, last waves, drain): {one_off:.1f} s"
+    )
     p(f"kernel tasks: {n_kernel} in {n_b} batch(es), {mean.get('units', 0):.0f} units per batch")
     p(
         f"scheduler: mean dispatch gap between consecutive kernel tasks on a worker "
@@ -634,6 +651,24 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         )
         + f", idle {100 * (span - busy_k - sum(map(sum, by_kind.values()))) / span:.1f}%"
     )
+    if len(kern):
+        last_end: dict[int, float] = {}
+        first_start: dict[int, float] = {}
+        for _, wid, a, b, _m in REC.kernels:
+            last_end[wid] = max(last_end.get(wid, 0.0), b)
+            first_start[wid] = min(first_start.get(wid, np.inf), a)
+        ends = np.array(list(last_end.values())) - t_first
+        starts = np.array(list(first_start.values())) - t_first
+        idle_end = float(np.sum(t_last - t_first - ends))
+        idle_start = float(np.sum(starts))
+        p(
+            f"workers' first kernel start: median {np.median(starts):.2f} s, last "
+            f"{starts.max():.2f} s; last kernel end: first {ends.min():.1f} s, median "
+            f"{np.median(ends):.1f} s of {makespan:.1f} s; idle before the first kernel "
+            f"{100 * idle_start / span:.1f}%, after the last {100 * idle_end / span:.1f}%, "
+            f"between kernels {100 * (span - busy_k - idle_start - idle_end) / span:.1f}% "
+            "(including the other tasks)"
+        )
     p(
         "CPU seconds by thread over the run: "
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(REC.cpu.items(), key=lambda kv: -kv[1]))
@@ -686,6 +721,8 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         fill=fill,
         tail=tail,
         steady=steady,
+        steady_utilisation=util,
+        one_off=one_off,
         setup=setup,
         full_wall_s=full_wall,
         gpu_hours=gpu_h,

@@ -591,9 +591,14 @@ class ResultsStore:
 
     def write_done(self, structure: int, ranges: list[tuple[int, int]], row: np.ndarray) -> None:
         """Write the done bits of ``ranges`` from ``row`` (the structure's whole ``[M]`` row,
-        kept by the driver, the only writer): no read-back of the chunk."""
-        for a, b in ranges:
-            self._done[structure, a:b] = row[a:b]
+        kept by the driver, the only writer): one write of the whole chunks that span them,
+        with no read-back."""
+        if not ranges:
+            return
+        chunk = int(self._done.chunks[1])
+        a = min(r[0] for r in ranges) // chunk * chunk
+        b = min(self.n_images, -(-max(r[1] for r in ranges) // chunk) * chunk)
+        self._done[structure, a:b] = row[a:b]
 
     def clear_done(self, structure: int, start: int, stop: int, bits: int = 0xFF) -> None:
         """Clear ``bits`` for images ``[start, stop)`` (driver only)."""

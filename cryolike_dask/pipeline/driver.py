@@ -36,6 +36,7 @@ from cryolike_dask.io.zarr_stores import ResultsStore, StoreError
 from cryolike_dask.kernels import BlockOutputs
 from cryolike_dask.pipeline import plan as planning
 from cryolike_dask.pipeline._progress import Progress
+from cryolike_dask.pipeline._size_guard import check_confirmed
 from cryolike_dask.pipeline.cluster import (
     ClusterOptions,
     WorkerInfo,
@@ -406,6 +407,7 @@ def _execute(
     threads = sum(w.nthreads for w in workers) if workers else 1
     logger.info(describe_cost(run, threads))
     check_sizes(run, plan, budget, state)  # before anything is read or written
+    check_confirmed(run, plan, workers)  # a very large run needs --yes
     if run.validate_data:  # before anything is written
         validate_data(run, plan, executor)
     if state == "replace":
@@ -543,7 +545,7 @@ class _Structure:
     def flush(self) -> None:
         """Write the done marks made since the last flush (a whole done chunk at a time)."""
         if self._dirty:
-            self.results.write_done(self.k, _merged(self._dirty), self.done_row)
+            self.results.write_done(self.k, self._dirty, self.done_row)
             self._dirty.clear()
         self._flushed = time.monotonic()
 
@@ -581,17 +583,6 @@ class _Structure:
             candidates,
             self.executor.submit_side,
         )
-
-
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``ranges`` sorted, with touching ones joined."""
-    out: list[tuple[int, int]] = []
-    for a, e in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((a, e))
-    return out
 
 
 def _targets(results: ResultsStore, run: LikelihoodRun, structure: int) -> dict[str, Any]:
