@@ -595,6 +595,8 @@ class ResultsStore:
         with no read-back."""
         if not ranges:
             return
+        if len(row) != self.n_images:
+            raise ValueError(f"the done row has {len(row)} images, the store {self.n_images}")
         chunk = int(self._done.chunks[1])
         a = min(r[0] for r in ranges) // chunk * chunk
         b = min(self.n_images, -(-max(r[1] for r in ranges) // chunk) * chunk)

@@ -517,7 +517,8 @@ class _Structure:
         n = run.images.n_images
         if not run.skip_exist:
             results.clear_done(k, 0, n, self.bits)
-        self.done_row = results.done_images(k, 0, n)
+        # the store's whole row: a run on the first stacks shares the store of a longer one
+        self.done_row = results.done_images(k, 0, results.n_images)
         row, bits = self.done_row, self.bits
         self.pending = [
             b for b, (a, e) in enumerate(self.image_ranges) if not _done(row, a, e, bits)
