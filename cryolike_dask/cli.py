@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import threading
 import warnings
@@ -249,6 +250,12 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
         choices=["cryolike", "relion"],
         help="override how CTF astigmatism angles of CryoLike stacks are read",
     )
+    r.add_argument(
+        "--yes",
+        action="store_true",
+        help="start a very large run (estimated over a day on the workers, or 1 TiB of "
+        "outputs), which is otherwise refused with its estimate",
+    )
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_likelihood)
 
@@ -276,6 +283,7 @@ def likelihood_options(args: argparse.Namespace):
         skip_exist=args.skip_exist,
         overwrite=args.overwrite,
         export_pt=not args.no_pt,
+        yes=args.yes,
     )
 
 
@@ -731,6 +739,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         metavar="A",
         help="use this running scheduler (overrides the config's cluster section)",
     )
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="start a very large likelihood step (as likelihood.yes: true in the config)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
@@ -739,6 +752,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cryolike_dask.config import ClusterConfig, load_config, run_config
 
     cfg = load_config(args.config)
+    args.output = cfg.output  # where a full disk or an internal error is reported
+    if args.yes:
+        cfg.likelihood = cfg.likelihood.model_copy(update={"yes": True})
     if args.scheduler_file or args.scheduler_address:
         cfg.cluster = ClusterConfig(
             scheduler_file=args.scheduler_file, scheduler_address=args.scheduler_address
@@ -777,6 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cryolike_dask.reweight_cli import add_reweight_parser
 
     add_reweight_parser(sub)
+    debug = "on an internal error, show its traceback here instead of writing it to a log file"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # also after the command: likelihood ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
 
 
@@ -817,9 +837,86 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL)
 
 
+#: Set to 1 to see an internal error's traceback on stderr (as ``--debug``).
+DEBUG_ENV = "CRYOLIKE_DASK_DEBUG"
+#: Error logs go to ``OUTPUT/LOG_FOLDER/`` when the command's output folder exists (beside,
+#: not inside, the ``.cryolike_dask`` folder of a run's records), else to the temp folder.
+LOG_FOLDER = ".cryolike_dask.logs"
+#: Libraries whose versions an error log lists.
+LOGGED_LIBRARIES = ("numpy", "scipy", "dask", "distributed", "zarr", "torch", "cupy", "pydantic")
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _error_log(args: argparse.Namespace, argv: Sequence[str], exc: BaseException) -> Path:
+    """Write ``exc``'s traceback, with the version, command line, Python, platform and
+    library versions, to a new log file; return its path."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+    from importlib import metadata
+
+    versions = []
+    for name in LOGGED_LIBRARIES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    text = "\n".join(
+        [
+            f"cryolike-dask {__version__}: internal error in '{args.command}'",
+            f"time: {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+            f"command: {' '.join(['cryolike-dask', *argv])}",
+            f"working folder: {os.getcwd()}",
+            f"python: {sys.version.split()[0]} ({sys.executable})",
+            f"platform: {platform.platform()}",
+            f"libraries: {', '.join(versions)}",
+            "",
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        ]
+    )
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    output = getattr(args, "output", None)
+    candidates = [Path(tempfile.gettempdir()) / f"cryolike-dask-{name}"]
+    if output is not None and Path(output).is_dir():
+        candidates.insert(0, Path(output) / LOG_FOLDER / name)
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path
+        except OSError:
+            if path == candidates[-1]:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _internal_error(args: argparse.Namespace, argv: Sequence[str], exc: Exception) -> int:
+    """A bug: its details to a log file, one line naming that file on stderr; exit status 1."""
+    summary = (str(exc).strip().splitlines() or [""])[0]
+    what = f"{type(exc).__name__}: {summary}" if summary else type(exc).__name__
+    try:
+        where = f"details in {_error_log(args, argv, exc)}"
+    except OSError as log_error:  # nowhere to write: the traceback here
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        where = f"no log file ({log_error}), traceback above"
+    print(
+        f"cryolike-dask {args.command}: internal error: {what} ({where}; please report it)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with a one-line message;
-    130 after Ctrl-C)."""
+    """Entry point; returns the exit status: 2 for bad input, with a one-line message; 1 for
+    an internal error (a bug: its traceback goes to a log file that a one-line message names,
+    or to stderr with ``--debug`` or ``CRYOLIKE_DASK_DEBUG=1``); 130 after Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -840,7 +937,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (*USER_ERRORS, OSError) as exc:
         if not isinstance(exc, USER_ERRORS) and not _disk_full(exc):
-            raise  # an OS error that names no input or output: shown as the bug it may be
+            # an OS error that names no input or output: reported as the bug it may be
+            if _debug(args):
+                raise
+            return _internal_error(args, argv, exc)
         if _disk_full(exc) and not exc.filename and getattr(args, "output", None) is not None:
             exc = DiskFullError(str(args.output), exc.errno)  # where it was writing
         print(f"cryolike-dask {args.command}: error: {_one_line(exc)}", file=sys.stderr)
@@ -855,6 +955,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (rerun with --skip-exist to resume)" if args.command == "likelihood" else ""
         print(f"cryolike-dask {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug
+        if _debug(args):
+            raise
+        return _internal_error(args, argv, exc)
     finally:
         warnings.formatwarning = formatwarning
 
@@ -865,8 +969,6 @@ def run() -> None:
     After Ctrl-C the process ends at once once the cluster is closed (``os._exit``), so that
     no late interrupt in interpreter shutdown turns the one-line message into a traceback.
     """
-    import os
-
     code = main()
     if code == 130:
         sys.stdout.flush()

@@ -175,6 +175,7 @@ def _run_wrapper(
         device=options.pop("device", "auto"),
         skip_exist=skip_exist,
         overwrite=options.pop("overwrite", False),
+        yes=options.pop("yes", False),  # confirm a very large run
     )
     run = run_options.build(
         file_config.folder_templates,

@@ -63,28 +63,31 @@ def _on_cluster() -> list[str]:
 
 
 def _likelihood(folder: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "likelihood",
-            "--templates",
-            str(folder / "templates"),
-            "--particles",
-            str(folder / "particles"),
-            "--params",
-            str(folder / "templates" / "parameters.npz"),
-            "--output",
-            str(out),
-            "--max-displacement-pixels",
-            "1.5",
-            "--n-displacements-x",
-            "3",
-            "--n-displacements-y",
-            "3",
-            *_on_cluster(),
-            "--no-progress",
-            *extra,
-        ]
-    )
+    return main(_likelihood_args(folder, out, *extra))
+
+
+def _likelihood_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    """``likelihood`` on the inputs in ``folder`` (3 × 3 displacements, the module cluster)."""
+    return [
+        "likelihood",
+        "--templates",
+        str(folder / "templates"),
+        "--particles",
+        str(folder / "particles"),
+        "--params",
+        str(folder / "templates" / "parameters.npz"),
+        "--output",
+        str(out),
+        "--max-displacement-pixels",
+        "1.5",
+        "--n-displacements-x",
+        "3",
+        "--n-displacements-y",
+        "3",
+        *_on_cluster(),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -741,6 +744,158 @@ def test_outputs_larger_than_a_small_disk(small_disk, ref_copy, capfd) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ very large runs
+#: 7 × 7 displacements on the reference data: 24 images × 96 templates × 49 × 64 poses.
+_MANY_DISPLACEMENTS = ("--max-displacement-pixels", "3", "--n-displacements-x", "7")
+_MANY_DISPLACEMENTS += ("--n-displacements-y", "7")
+
+
+@pytest.mark.parametrize("limit", ["hours", "outputs"])
+def test_a_very_large_run_needs_yes(ref_copy, tmp_path, capfd, monkeypatch, limit) -> None:
+    """A run estimated over a day on the workers (here: at a fake GEMM rate of 1 kflop/s) or
+    over the output limit (here: lowered to 1 kB) is refused with its estimate before anything
+    is read or written; with --yes it runs to the end."""
+    from cryolike_dask.kernels import backend
+    from cryolike_dask.pipeline import _size_guard
+
+    if limit == "hours":
+        monkeypatch.setattr(backend, "gemm_rate", lambda *args, **kwargs: 1e3)
+        over = "(over 24 h)"
+    else:
+        monkeypatch.setattr(_size_guard, "MAX_OUTPUT_BYTES", 1000)
+        over = "GiB of outputs)"
+    out = tmp_path / "out"
+    line = _one_line(
+        capfd,
+        _likelihood(ref_copy, out, *_MANY_DISPLACEMENTS),
+        "cryolike-dask likelihood: error: a very large run: ~7.23e+06 pose evaluations, ~",
+        " h on 2 CPU thread(s) at this machine's GEMM rate",
+        " GiB of outputs, ~",
+        " GiB per kernel task",
+        over,
+        "pass --yes (likelihood.yes: true in a run config, yes=True in Python)",
+    )
+    if limit == "hours":  # 9.8e8 flops at 0.4 kflop/s on each of 2 threads: ~340 h
+        hours = float(line.split(" pose evaluations, ~")[1].split(" h on")[0])
+        assert 300 < hours < 400, line
+    assert not out.exists()
+    assert _likelihood(ref_copy, out, *_MANY_DISPLACEMENTS, "--yes") == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "error" not in err, err
+    assert ResultsStore.open(out / "results.zarr", mode="r").done().all()
+    for i in range(2):  # both stacks exported, with their completion records
+        assert (out / f".cryolike_dask/template0/stack_{i:06d}.json").is_file()
+        assert (out / f"template0/cross_correlation/cross_correlation_stack_{i:06d}.pt").is_file()
+
+
+@pytest.mark.parametrize("confirm", ["flag", "config-key"])
+def test_a_very_large_run_config_needs_yes(
+    tmp_path, reference_dir, capfd, monkeypatch, confirm
+) -> None:
+    """``run CONFIG``: the likelihood step of a very large run (here: any run, the limit
+    lowered to 0 h) is refused with the estimate; ``run --yes`` or ``likelihood.yes: true``
+    in the config confirms it, and the run resumes to the end."""
+    import yaml
+
+    from cryolike_dask.pipeline import _size_guard
+
+    monkeypatch.setattr(_size_guard, "MAX_HOURS", 0.0)
+    config = _run_config(tmp_path, reference_dir, "likelihood")
+    data = yaml.safe_load(config.read_text())
+    data["plots"] = False
+    config.write_text(yaml.safe_dump(data))
+    _one_line(
+        capfd,
+        main(["run", str(config), "--no-progress"]),
+        "cryolike-dask run: error: a very large run: ",
+        "pose evaluations",
+        "(over 0 h); pass --yes (likelihood.yes: true in a run config",
+    )
+    assert not (tmp_path / "out" / "likelihood" / "results.zarr").exists()
+    if confirm == "flag":
+        code = main(["run", str(config), "--no-progress", "--yes"])
+    else:
+        data["likelihood"]["yes"] = True
+        config.write_text(yaml.safe_dump(data))
+        code = main(["run", str(config), "--no-progress"])
+    assert code == 0, capfd.readouterr().err
+    assert ResultsStore.open(tmp_path / "out" / "likelihood" / "results.zarr").done().all()
+
+
+# ------------------------------------------------------------------------------ internal errors
+def _internal_error_line(capfd, code: int, command: str) -> Path:
+    """Exit 1 and one line naming the log file (which holds the traceback); its path."""
+    err = capfd.readouterr().err
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    prefix = f"cryolike-dask {command}: internal error: RuntimeError: a bug (details in "
+    assert lines[0].startswith(prefix) and lines[0].endswith("; please report it)"), lines[0]
+    log = Path(lines[0][len(prefix) :].removesuffix("; please report it)"))
+    text = log.read_text()
+    from cryolike_dask import __version__
+
+    for fragment in (
+        "Traceback (most recent call last)",
+        "RuntimeError: a bug\nsecond line",
+        "in buggy",
+        f"cryolike-dask {__version__}",
+        f"command: cryolike-dask {command} ",
+        "python: 3.",
+        "platform: ",
+        "numpy ",
+        "dask ",
+    ):
+        assert fragment in text, (fragment, text)
+    return log
+
+
+def test_internal_error_goes_to_a_log_file(tmp_path, capfd, monkeypatch) -> None:
+    """A bug (not a user error) is one line naming a log file, exit status 1: the file is in
+    the output folder when it exists, else in the temp folder; --debug and
+    CRYOLIKE_DASK_DEBUG=1 show the traceback instead."""
+    import tempfile
+
+    from cryolike_dask import cli
+
+    def buggy(args):
+        raise RuntimeError("a bug\nsecond line")
+
+    monkeypatch.setattr(cli, "_cmd_stitch", buggy)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    out = tmp_path / "out"
+    out.mkdir()
+    log = _internal_error_line(capfd, main(["stitch", str(out)]), "stitch")
+    assert log.parent == out / ".cryolike_dask.logs" and log.name.startswith("error-"), log
+    assert log.name.endswith(f"-{os.getpid()}.log")
+    assert not list(temp.iterdir())
+    log = _internal_error_line(capfd, main(["stitch", str(tmp_path / "missing")]), "stitch")
+    assert log.parent == temp and log.name.startswith("cryolike-dask-error-"), log
+    assert not (tmp_path / "missing").exists()
+    for argv in (["--debug", "stitch", str(out)], ["stitch", str(out), "--debug"]):
+        with pytest.raises(RuntimeError, match="a bug"):
+            main(argv)
+    monkeypatch.setenv("CRYOLIKE_DASK_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["stitch", str(out)])
+    assert len(list(temp.iterdir())) == 1 and len(list(out.iterdir())) == 1  # no more logs
+
+
+def test_user_error_writes_no_log(tmp_path, capfd, monkeypatch) -> None:
+    """A user error stays one line with exit status 2, and writes no log file."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    out = tmp_path / "out"
+    out.mkdir()
+    _one_line(capfd, main(["stitch", str(out)]), "cryolike-dask stitch: error: ", str(out))
+    assert not list(out.iterdir()) and not list(temp.iterdir())
+
+
 # ------------------------------------------------------------------------------ fault tolerance
 def _results(out: Path) -> dict[str, np.ndarray]:
     g = ResultsStore.open(out / "results.zarr", mode="r").group
@@ -999,6 +1154,116 @@ def test_conversion_killed_then_refused_and_redone(reference_dir, tmp_path, capf
     for k in lb:
         np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
     assert _snapshot(raw) == before
+
+
+#: ``cryolike-dask ARGS`` with ``MODULE.NAME`` made to sleep a minute ``before`` or ``after``
+#: its first call (argv: MODULE NAME before|after ARGS...), so that the process can be killed
+#: there.
+_SLEEP_AT = """
+import importlib, sys, time
+module, name, when = sys.argv[1:4]
+target = importlib.import_module(module)
+original = getattr(target, name)
+
+def sleepy(*args, **kwargs):
+    if when == "before":
+        time.sleep(60)
+    result = original(*args, **kwargs)
+    if when == "after":
+        time.sleep(60)
+    return result
+
+setattr(target, name, sleepy)
+sys.argv = ["cryolike-dask", *sys.argv[4:]]
+from cryolike_dask.cli import run
+run()
+"""
+
+#: Fixed blocks, so that every run (killed, resumed, uninterrupted) splits the work alike.
+_KILL_ARGS = ("--integrated-likelihood", "--images-per-block", "6", "--templates-per-block", "48")
+
+
+def _sleeping(function: str, when: str, args: list[str]) -> subprocess.Popen:
+    """``cryolike-dask ARGS`` in a child process, ``function`` (``module.name``) sleeping
+    ``when`` it is first called."""
+    module, name = function.rsplit(".", 1)
+    return subprocess.Popen(
+        [sys.executable, "-c", _SLEEP_AT, module, name, when, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL ``proc`` once ``ready()`` holds (within a minute)."""
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    if proc.poll() is None and ready():
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (what, proc.stderr.read().decode()[-3000:])
+
+
+def _assert_same_outputs(out: Path, reference: Path) -> None:
+    """Every array of ``results.zarr`` and every ``.pt`` file of ``out`` equal those of
+    ``reference``; no temporary file is left."""
+    import zarr
+
+    got = zarr.open_group(out / "results.zarr", mode="r")
+    want = zarr.open_group(reference / "results.zarr", mode="r")
+    names = sorted(k for k, v in want.members(max_depth=None) if isinstance(v, zarr.Array))
+    assert sorted(k for k, v in got.members(max_depth=None) if isinstance(v, zarr.Array)) == names
+    assert "bookkeeping/done" in names and "cross_correlation" in names, names
+    for k in names:
+        np.testing.assert_array_equal(np.asarray(got[k][...]), np.asarray(want[k][...]), k)
+    files = sorted(str(p.relative_to(reference)) for p in reference.glob("template*/**/*.pt"))
+    assert sorted(str(p.relative_to(out)) for p in out.glob("template*/**/*.pt")) == files
+    assert len(files) == 2 * 6, files  # 2 stacks × 6 quantities
+    for name in files:
+        assert torch.equal(torch.load(out / name), torch.load(reference / name)), name
+    for i in range(2):
+        assert (out / f".cryolike_dask/template0/stack_{i:06d}.json").is_file()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], list(out.rglob("*"))
+
+
+def test_kill_during_results_store_creation_then_resume(ref_copy, tmp_path, capfd) -> None:
+    """The driver (a CLI process on the module's LocalCluster) is SIGKILLed while it builds
+    ``results.zarr`` (under its temporary name): no store is left that looks made, and a
+    rerun with --skip-exist gives an uninterrupted run's outputs."""
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    args = _likelihood_args(ref_copy, out, *_KILL_ARGS)
+    proc = _sleeping("cryolike_dask.io.zarr_stores._write_coord", "before", args)
+    _kill_when(proc, lambda: bool(list(out.glob(".results.zarr.tmp-*"))), "store creation")
+    assert list(out.glob(".results.zarr.tmp-*")) and not (out / "results.zarr").exists()
+    capfd.readouterr()
+    assert _likelihood(ref_copy, out, *_KILL_ARGS, "--skip-exist") == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyError" not in err and " error" not in err, err
+    assert _likelihood(ref_copy, reference, *_KILL_ARGS) == 0
+    _assert_same_outputs(out, reference)
+
+
+def test_kill_during_export_then_resume(ref_copy, tmp_path, capfd) -> None:
+    """The driver is SIGKILLed during a stack's export (its first ``.pt`` written, the others
+    and its completion record not; ``--scheduler sync``, so the export runs in that process):
+    a rerun with --skip-exist on the module's LocalCluster gives an uninterrupted run's
+    outputs."""
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    args = _likelihood_args(ref_copy, out, *_KILL_ARGS, "--scheduler", "sync")
+    args.remove("--scheduler-address")
+    args.remove(_CLUSTER["address"])
+    proc = _sleeping("cryolike_dask.io.exports.save_tensor", "after", args)
+    _kill_when(proc, lambda: bool(list(out.glob("template0/**/*.pt"))), "export")
+    assert len(list(out.glob("template0/**/*.pt"))) == 1  # one file of the first stack
+    assert not list(out.glob(".cryolike_dask/template0/stack_*.json"))  # no stack complete
+    capfd.readouterr()
+    assert _likelihood(ref_copy, out, *_KILL_ARGS, "--skip-exist") == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyError" not in err and " error" not in err, err
+    assert _likelihood(ref_copy, reference, *_KILL_ARGS) == 0
+    _assert_same_outputs(out, reference)
 
 
 # ------------------------------------------------------------------------------ fuzzing

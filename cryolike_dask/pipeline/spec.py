@@ -152,6 +152,10 @@ class LikelihoodRun:
         Kernel temporaries budget per task.
     validate_data : bool
         Check every image and template (finite, non-zero) before the likelihood starts.
+    yes : bool
+        Confirm a very large run (estimated over a day on the workers, or a TiB of outputs;
+        see :mod:`~cryolike_dask.pipeline._size_guard`); without it such a run is refused
+        with its estimate.
     """
 
     templates: TemplateSource
@@ -173,6 +177,7 @@ class LikelihoodRun:
     max_tasks: int = MAX_TASKS_PER_GRAPH
     work_bytes: int = 256 * 2**20
     validate_data: bool = True
+    yes: bool = False
 
     @property
     def parameters(self) -> ImageParameters:
@@ -302,6 +307,8 @@ class LikelihoodOptions(BaseModel):
     skip_exist: bool = False
     overwrite: bool = False
     export_pt: bool = True
+    #: Confirm a very large run (``--yes``): one estimated over a day or a TiB of outputs.
+    yes: bool = False
 
     @classmethod
     def parse(cls, **values: Any) -> LikelihoodOptions:
@@ -382,6 +389,7 @@ class LikelihoodOptions(BaseModel):
             overwrite=self.overwrite,
             export_pt=self.export_pt,
             max_tasks=self.max_tasks_per_graph,
+            yes=self.yes,
         )
         validate(run, headers=False)  # the file headers are read once, when it runs
         return run
