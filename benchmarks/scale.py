@@ -8,9 +8,10 @@ in-process, so the patch reaches them):
 - ``tasks.correlate_task`` sleeps ``m·s·D·W / rate × time_factor`` seconds and returns a
   :class:`BlockResult` with the real per-image arrays (``best_cross_correlation``,
   ``best_pose``, ``log_likelihood_sum`` of length ``m``), the rest ``None``;
-- ``tasks.load_image_block`` returns an :class:`ImageBlock` without pixels whose
-  ``dask.sizeof`` is the real block's (``M·N·W`` complex64 and the CTF fields), so the
-  scheduler places kernel tasks as it would with real blocks;
+- ``tasks.load_image_block`` sleeps the block's bytes / ``--load-gbps`` (× the time factor)
+  and returns an :class:`ImageBlock` without pixels whose ``dask.sizeof`` is the real
+  block's (``M·N·W`` complex64 and the CTF fields), so the scheduler places kernel tasks as
+  it would with real blocks;
 - ``driver.describe_workers`` reports every worker as a GPU worker with ``--worker-memory``
   of free GPU memory (the planner then uses the GPU memory model).
 
@@ -151,7 +152,9 @@ def _timed(name: str, fn):
     return wrapper
 
 
-def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: float) -> list:
+def install_patches(
+    n_d: int, n_w: int, rate: float, factor: float, worker_gib: float, load_gbps: float
+) -> list:
     """Replace the task bodies and wrap the driver's phases; returns the undo list."""
     import zarr
 
@@ -167,6 +170,8 @@ def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: 
         # no pixels, but Dask is told the real block's size (placement, memory accounting)
         n = (stop - start) * int(np.prod(source.parameters.polar_grid.shape))
         nbytes = n * np.dtype(np.complex64).itemsize + (stop - start) * 7 * 8
+        if load_gbps > 0:  # reading the block from shared storage
+            time.sleep(nbytes / (load_gbps * 1e9) * factor)
         empty = np.empty((0,), np.complex64)
         return EmulatedImageBlock(start, stop, empty, {}, "cryolike", "", nbytes)
 
@@ -196,7 +201,7 @@ def install_patches(n_d: int, n_w: int, rate: float, factor: float, worker_gib: 
         info = client.scheduler_info(n_workers=-1)["workers"]
         mem = int(worker_gib * GIB)
         return [
-            WorkerInfo(a, int(w["nthreads"]), 8 * mem, True, mem, mem, str(i))
+            WorkerInfo(a, int(w["nthreads"]), 8 * mem, True, mem, mem, str(i), dict(w["resources"]))
             for i, (a, w) in enumerate(sorted(info.items()))
         ]
 
@@ -433,6 +438,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images-per-block", type=int, default=None)
     ap.add_argument("--export", action="store_true", help="write the .pt exports too")
     ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads per worker (2, as our GPU workers: kernels take the one GPU resource, "
+        "the other thread loads and stores; 1 serialises loads with kernels)",
+    )
+    ap.add_argument(
+        "--load-gbps",
+        type=float,
+        default=1.0,
+        help="GB/s a worker reads an image block at (× the time factor; 0: instant)",
+    )
+    ap.add_argument(
         "--switch-interval",
         type=float,
         default=0.0005,
@@ -454,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     run = build_run(args, out)
     grid = run.parameters.polar_grid
     n_d, n_w = args.displacements, grid.n_inplanes
-    undo = install_patches(n_d, n_w, args.rate, args.time_factor, args.worker_memory)
+    undo = install_patches(
+        n_d, n_w, args.rate, args.time_factor, args.worker_memory, args.load_gbps
+    )
     t0 = time.perf_counter()
     # emulation only: in-process workers share this process's event loop and GIL with the
     # scheduler and the driver; their per-worker profiler (every 10 ms) and system monitor
@@ -470,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cluster = LocalCluster(
         n_workers=args.workers,
-        threads_per_worker=1,
+        threads_per_worker=args.threads,
+        resources={"GPU": 1},  # as our GPU clusters and deploy profiles
         processes=False,
         memory_limit=0,
         dashboard_address=None,

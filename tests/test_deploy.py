@@ -92,7 +92,7 @@ PROFILES = [
             "#SBATCH --mem=64GB",
             "#SBATCH -p gpu",
             "#SBATCH --gres=gpu:1",
-            "--nthreads 1",
+            "--nthreads 2",
             "--resources GPU=1",
         ],
     ),
@@ -104,7 +104,7 @@ PROFILES = [
             "#PBS -q gpu",
             "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB",
             "#PBS -l walltime=08:00:00",
-            "--nthreads 1",
+            "--nthreads 2",
             "--resources GPU=1",
         ],
     ),
@@ -146,10 +146,10 @@ def test_jobqueue_lifetime_below_walltime(jobqueue_profiles, kind, profile) -> N
 
 
 @pytest.mark.parametrize(("kind", "profile"), [("slurm", "slurm-gpu"), ("pbs", "pbs-gpu")])
-def test_jobqueue_gpu_profiles_one_gpu_one_thread(jobqueue_profiles, kind, profile) -> None:
+def test_jobqueue_gpu_profiles_one_gpu_two_threads(jobqueue_profiles, kind, profile) -> None:
     script = _job_script(kind, profile)
     argv = _worker_argv(script, {"PATH": os.environ["PATH"]})
-    assert _option(argv, "--nthreads") == "1" and "--nworkers" not in argv
+    assert _option(argv, "--nthreads") == "2" and "--nworkers" not in argv
     assert _option(argv, "--resources") == "GPU=1"
     if kind == "slurm":
         gpu_lines = [x for x in script.splitlines() if re.match(r"#SBATCH (--gres|--gpu|-G)", x)]
@@ -301,7 +301,7 @@ def _check_worker_args(calls: list[dict], sched: Path) -> None:
     for c in calls:
         if c["cmd"] == "dask" and "worker" in c["args"][:2] and "--help" not in c["args"]:
             argv = c["args"]
-            assert _option(argv, "--nthreads") == "1"
+            assert _option(argv, "--nthreads") == "2"
             assert _option(argv, "--resources") == "GPU=1"
             assert _option(argv, "--scheduler-file") == str(sched)
             assert _option(argv, "--local-directory") == "/tmp"  # TMPDIR unset

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -96,6 +97,11 @@ def cpu_count() -> int:
 
 #: Seconds to wait for the first worker of a cluster before planning.
 WORKER_TIMEOUT_S = 120.0
+#: The worker resource a kernel task takes on GPU workers (one per GPU).
+GPU_RESOURCE = "GPU"
+#: Threads of a GPU worker we start: one runs the kernels (holding the GPU resource), the
+#: other loads the next image block and stores results meanwhile.
+GPU_WORKER_THREADS = 2
 
 
 def visible_gpus() -> list[str]:
@@ -160,6 +166,15 @@ class WorkerInfo:
     gpu_free: int = 0
     gpu_total: int = 0
     device: str = ""
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def kernel_slots(self) -> int:
+        """Kernel tasks it runs at once: its :data:`GPU_RESOURCE` count on a GPU worker that
+        has one (its other threads load and store meanwhile), else its threads."""
+        if self.gpu and self.resources.get(GPU_RESOURCE, 0) >= 1:
+            return int(self.resources[GPU_RESOURCE])
+        return max(1, self.nthreads)
 
 
 def _describe_self(dask_worker: Any = None) -> dict[str, Any]:
@@ -171,6 +186,9 @@ def _describe_self(dask_worker: Any = None) -> dict[str, Any]:
         if dask_worker is not None
         else 0,
         "gpu": False,
+        "resources": dict(getattr(dask_worker.state, "total_resources", {}) or {})
+        if dask_worker is not None
+        else {},
     }
     if importlib.util.find_spec("cupy") is None:
         return info
@@ -225,6 +243,19 @@ def resolve_device(device: str, client: Any = None, workers: list[WorkerInfo] | 
     return "gpu" if gpu else "cpu"
 
 
+def kernel_resources(workers: list[WorkerInfo] | None, device: str) -> dict[str, int] | None:
+    """``{GPU_RESOURCE: 1}`` for the kernel tasks when every GPU worker advertises the
+    resource (our clusters and deploy profiles do): one kernel per GPU at a time while the
+    worker's other thread loads the next image block and stores results. ``None`` otherwise
+    (a task asking for a resource no worker has would never run)."""
+    if device != "gpu" or not workers:
+        return None
+    gpus = [w for w in workers if w.gpu]
+    if gpus and all(w.resources.get(GPU_RESOURCE, 0) >= 1 for w in gpus):
+        return {GPU_RESOURCE: 1}
+    return None
+
+
 def gpu_workers(workers: list[WorkerInfo]) -> list[str]:
     """Addresses of the workers with a GPU (where GPU work is sent)."""
     return [w.address for w in workers if w.gpu]
@@ -242,7 +273,7 @@ def local_cluster_size(
     oversubscribe the machine. With ``n_workers`` alone, the cores are shared out.
     """
     if device == "gpu":
-        return n_workers or 1, threads_per_worker or 1
+        return n_workers or 1, threads_per_worker or GPU_WORKER_THREADS
     cores = cpu_count()
     if n_workers is None and threads_per_worker is None:
         return 1, cores
@@ -252,8 +283,10 @@ def local_cluster_size(
 
 
 def gpu_cluster(options: ClusterOptions) -> Any:
-    """A local cluster of one single-threaded worker per visible GPU, each seeing its own GPU
-    first (``CUDA_VISIBLE_DEVICES`` rotated, as dask-cuda does).
+    """A local cluster of one worker per visible GPU, each seeing its own GPU first
+    (``CUDA_VISIBLE_DEVICES`` rotated, as dask-cuda does), with :data:`GPU_WORKER_THREADS`
+    threads and one :data:`GPU_RESOURCE`: kernels take the resource, so one runs at a time
+    while the other thread loads the next image block and stores finished results.
 
     dask-cuda's ``LocalCUDACluster`` when it is installed; otherwise a ``SpecCluster`` of
     ``Nanny`` workers with their own ``CUDA_VISIBLE_DEVICES``. ``options.n_workers`` (≤ the
@@ -266,7 +299,7 @@ def gpu_cluster(options: ClusterOptions) -> Any:
         )
     n = min(options.n_workers or len(gpus), len(gpus))
     gpus = gpus[:n]
-    threads = options.threads_per_worker or 1
+    threads = options.threads_per_worker or GPU_WORKER_THREADS
     memory = options.memory_limit or int(machine_memory() * 0.9 / n)
     try:
         from dask_cuda import LocalCUDACluster
@@ -279,6 +312,7 @@ def gpu_cluster(options: ClusterOptions) -> Any:
             CUDA_VISIBLE_DEVICES=",".join(gpus),
             threads_per_worker=threads,
             memory_limit=memory,
+            resources={GPU_RESOURCE: 1},
             dashboard_address=":0",  # a free port: never "port 8787 in use"
         )
     from distributed import Nanny, Scheduler, SpecCluster
@@ -295,6 +329,7 @@ def gpu_cluster(options: ClusterOptions) -> Any:
             "options": {
                 "nthreads": threads,
                 "memory_limit": memory,
+                "resources": {GPU_RESOURCE: 1},
                 "env": {"CUDA_VISIBLE_DEVICES": ",".join(order)},
             },
         }
@@ -445,7 +480,8 @@ def worker_memory(client: Any, device: str = "cpu", workers: list[WorkerInfo] | 
     for w in workers:
         per = (w.memory_limit or machine_memory()) // max(w.nthreads, 1)
         if device == "gpu" and w.gpu:
-            per = min(per, w.gpu_free // max(w.nthreads, 1))
+            # one kernel per GPU resource: the GPU is shared by the kernels, not the threads
+            per = min(per, w.gpu_free // w.kernel_slots)
         budgets.append(per)
     return int(min(budgets) * 0.8) if budgets else int(machine_memory() * 0.5)
 

@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 
 from cryolike_dask.io.zarr_stores import params_to_json
-from cryolike_dask.pipeline.cluster import describe_workers, resolve_device
+from cryolike_dask.pipeline.cluster import describe_workers, kernel_resources, resolve_device
 from cryolike_dask.pipeline.driver import _cache_and_pool, kernel_settings, plan_run
 from cryolike_dask.pipeline.graph import build_batch_graph
 from cryolike_dask.pipeline.spec import LikelihoodRun, RunConfigurationError, validate
@@ -67,6 +67,7 @@ def likelihood_dataset(run: LikelihoodRun, client: Any = None, memory_bytes: int
                 t_ranges,
                 run.request,
                 split_every=plan.split_every,
+                kernel_resources=kernel_resources(workers, run.device),
             )
         )
     tasks = sum(g.n_kernel_tasks for g in graphs)

@@ -43,6 +43,7 @@ from cryolike_dask.pipeline.cluster import (
     describe_workers,
     get_client,
     gpu_workers,
+    kernel_resources,
     resolve_device,
     worker_memory,
 )
@@ -141,7 +142,7 @@ def plan_run(
     if client is not None and workers is None:
         workers = describe_workers(client)
     budget = memory_bytes or worker_memory(client, run.device, workers)
-    threads = sum(w.nthreads for w in workers) if workers else 1
+    threads = sum(w.kernel_slots for w in workers) if workers else 1
     return planning.plan_blocks(
         run.images.n_images,
         max(run.templates.n_templates(k) for k in run.structures),
@@ -404,7 +405,7 @@ def _execute(
     restrict = gpus if gpus and len(gpus) < len(workers) else None
     executor = Executor(client, scheduler, progress, workers=restrict)
     plan, budget = plan_run(run, client, memory_bytes, workers)
-    threads = sum(w.nthreads for w in workers) if workers else 1
+    threads = sum(w.kernel_slots for w in workers) if workers else 1
     logger.info(describe_cost(run, threads))
     check_sizes(run, plan, budget, state)  # before anything is read or written
     check_confirmed(run, plan, workers)  # a very large run needs --yes
@@ -437,6 +438,7 @@ def _execute(
         write_displacements(layout, run.displacements.as_array())
     settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
     image_ranges = plan.image_ranges()
+    resources = kernel_resources(workers, run.device)
     states: list[_Structure] = []
 
     def batches() -> Iterator[Batch]:
@@ -459,6 +461,7 @@ def _execute(
                     st.t_ranges,
                     run.request,
                     split_every=plan.split_every,
+                    kernel_resources=resources,
                 )
                 units = _units(list(range(len(batch))))
                 stored = store_units(graph, run.request, st.targets, units)

@@ -127,8 +127,9 @@ def _noop(*args: Any) -> None:
 FINISHING_PRIORITY = 2
 
 
-def _finishing(tasks_of_layer: dict) -> MaterializedLayer:
-    return MaterializedLayer(tasks_of_layer, annotations={"priority": FINISHING_PRIORITY})
+def _finishing(tasks_of_layer: dict, more: dict | None = None) -> MaterializedLayer:
+    annotations = {"priority": FINISHING_PRIORITY, **(more or {})}
+    return MaterializedLayer(tasks_of_layer, annotations=annotations)
 
 
 # ------------------------------------------------------------------------------ the graph
@@ -142,6 +143,7 @@ def build_batch_graph(
     request: OutputRequest,
     *,
     split_every: int = 8,
+    kernel_resources: dict[str, int] | None = None,
 ) -> BatchGraph:
     """Build (lazily) the graph of one batch.
 
@@ -155,6 +157,10 @@ def build_batch_graph(
         Which quantities to build (``settings.outputs`` must agree: full tensor, integrated).
     split_every : int
         Fan-in of the reduction tree over template blocks (≥ 2).
+    kernel_resources : dict, optional
+        Worker resources each kernel (and optimal-pose likelihood) task takes, e.g.
+        ``{"GPU": 1}`` (:func:`~cryolike_dask.pipeline.cluster.kernel_resources`): one per
+        GPU at a time, the worker's other threads free for loads and stores.
     """
     image_ranges = tuple((int(a), int(b)) for a, b in image_ranges)
     template_ranges = tuple((int(a), int(b)) for a, b in template_ranges)
@@ -171,11 +177,15 @@ def build_batch_graph(
     load, kern = names["load"], names["kernel"]
     layers[load] = {(load, i): (_load, images, a, b) for i, (a, b) in enumerate(image_ranges)}
     deps[load] = set()
-    layers[kern] = {
-        (kern, t, i): (_kernel, settings, templates, structure, t0, t1, (load, i))
-        for t, (t0, t1) in enumerate(template_ranges)
-        for i in range(n_i)
-    }
+    on_device = {"resources": kernel_resources} if kernel_resources else None
+    layers[kern] = MaterializedLayer(
+        {
+            (kern, t, i): (_kernel, settings, templates, structure, t0, t1, (load, i))
+            for t, (t0, t1) in enumerate(template_ranges)
+            for i in range(n_i)
+        },
+        annotations=on_device,
+    )
     deps[kern] = {load}
     n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
     if request.needs_reduction:
@@ -187,7 +197,8 @@ def build_batch_graph(
             {
                 (opt, i): (_optimal_ll, (load, i), (red, i, 0), settings, templates, structure)
                 for i in range(n_i)
-            }
+            },
+            on_device,
         )
         deps[opt] = {load, red}
     graph = HighLevelGraph(layers, deps)

@@ -64,7 +64,11 @@ def _stats():
 
 def test_one_worker_per_gpu_each_on_its_own_device(two_gpus) -> None:
     workers = cl.describe_workers(two_gpus)
-    assert len(workers) == 2 and all(w.gpu and w.nthreads == 1 for w in workers)
+    assert len(workers) == 2 and all(w.gpu and w.nthreads == 2 for w in workers)
+    # one GPU resource each: one kernel at a time, the second thread loads and stores
+    assert all(w.resources == {"GPU": 1} and w.kernel_slots == 1 for w in workers)
+    assert cl.kernel_resources(workers, "gpu") == {"GPU": 1}
+    assert cl.kernel_resources(workers, "cpu") is None
     assert sorted(w.device for w in workers) == ["0", "1"]  # each sees another GPU first
     physical = sorted(s["physical_device"] for s in two_gpus.run(_stats).values())
     assert physical == [0, 1]
@@ -118,3 +122,18 @@ def test_pipeline_on_gpus_equals_cpu(two_gpus, reference_dir, tmp_path) -> None:
     assert all(s["device_calls"] > 0 for s in stats.values())  # both GPUs worked
     peak = max(s["peak_bytes"] for s in stats.values())
     assert 0 < peak <= gpu.plan.task_bytes, (peak, gpu.plan.task_bytes)
+
+
+def test_kernel_resources_only_when_every_gpu_worker_has_one() -> None:
+    """A task asking for a resource no worker has would never run: our own clusters have it,
+    a user's plain cluster does not (then kernels share a worker's GPU by its threads)."""
+    with_gpu = cl.WorkerInfo("a", 2, 0, True, 2**30, 2**30, "0", {"GPU": 1})
+    plain = cl.WorkerInfo("b", 2, 0, True, 2**30, 2**30, "1")
+    cpu_only = cl.WorkerInfo("c", 4, 0, False)
+    assert cl.kernel_resources([with_gpu, cpu_only], "gpu") == {"GPU": 1}
+    assert cl.kernel_resources([with_gpu, plain], "gpu") is None
+    assert (with_gpu.kernel_slots, plain.kernel_slots, cpu_only.kernel_slots) == (1, 2, 4)
+    # the GPU's memory goes to one kernel with the resource, to each thread's without
+    host = cl.machine_memory() // 2  # no memory limit: the machine's, per thread
+    assert cl.worker_memory(object(), "gpu", [with_gpu]) == int(min(host, 2**30) * 0.8)
+    assert cl.worker_memory(object(), "gpu", [plain]) == int(min(host, 2**29) * 0.8)
