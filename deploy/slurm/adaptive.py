@@ -3,7 +3,8 @@
     python deploy/slurm/adaptive.py run_config.yaml [JOBS]
 
 Needs deploy/dask/jobqueue.yaml copied to ~/.config/dask/ (profile "slurm-gpu": one job per
-GPU, one worker each with two threads and one GPU resource). The scheduler runs in this process and needs no GPU.
+GPU, one worker each with two threads and one GPU resource). The scheduler runs in this
+process and needs no GPU.
 
 ``adapt()`` keeps JOBS GPU jobs (default 8) for as long as the run lasts: every worker
 retires gracefully at its ``--lifetime``, before the job's walltime, and a new job is
