@@ -116,6 +116,7 @@ class Recorder:
     kernels: list = field(default_factory=list)  # (batch, worker, start, stop, modelled s)
     loads: int = 0
     others: list = field(default_factory=list)  # (kind, worker, start, stop) of other tasks
+    batch_of: dict = field(default_factory=dict)  # (structure, block start) → batch
     batch: int = -1
     batches: list = field(default_factory=list)  # dicts of phase seconds, one per batch
     setup: dict = field(default_factory=dict)  # phase seconds outside any batch
@@ -138,6 +139,16 @@ class Recorder:
 
 
 REC = Recorder()
+
+
+def _worker() -> str:
+    """The emulated worker running the current task (its threads share one address)."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:  # not in a worker (a local scheduler)
+        return str(threading.get_ident())
 
 
 def _timed(name: str, fn):
@@ -182,7 +193,8 @@ def install_patches(
         time.sleep(modelled * factor)
         stop = time.perf_counter()
         with REC.lock:
-            REC.kernels.append((REC.batch, threading.get_ident(), start, stop, modelled))
+            batch = REC.batch_of.get((structure, block.start), -1)
+            REC.kernels.append((batch, _worker(), start, stop, modelled))
         return BlockResult(
             best_cross_correlation=np.zeros(m, np.float32),
             best_pose=np.zeros(m, np.int64),
@@ -214,7 +226,7 @@ def install_patches(
             finally:
                 stop = time.perf_counter()
                 with REC.lock:
-                    REC.others.append((kind, threading.get_ident(), start, stop))
+                    REC.others.append((kind, _worker(), start, stop))
 
         return wrapper
 
@@ -228,11 +240,13 @@ def install_patches(
     patch(driver, "describe_workers", describe_workers)
     build = driver.build_batch_graph
 
-    def build_batch_graph(*args, **kwargs):
+    def build_batch_graph(settings, templates, k, images, image_ranges, *args, **kwargs):
         REC.batch += 1
+        for a, _ in image_ranges:
+            REC.batch_of[(k, a)] = REC.batch
         REC.batches.append({"t_build": time.perf_counter()})
         t0 = time.perf_counter()
-        graph = build(*args, **kwargs)
+        graph = build(settings, templates, k, images, image_ranges, *args, **kwargs)
         REC.add("graph build", time.perf_counter() - t0)
         return graph
 
@@ -543,11 +557,6 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         start = cur.get("t_submitted", cur["t_build"])
         first = kern[sel, 0].min() - start if sel.any() else 0.0
         last = kern[sel, 1].max() if sel.any() else cur["t_end"]
-        # per-worker dispatch gaps between consecutive kernel tasks of the batch
-        gaps = []
-        for wid in {k[1] for k in REC.kernels if k[0] == b}:
-            ks = sorted((k[2], k[3]) for k in REC.kernels if k[0] == b and k[1] == wid)
-            gaps += [s2 - e1 for (_, e1), (s2, _) in itertools.pairwise(ks)]
         keys = ("graph build", "store graphs", "submit", "on_done", "on_complete")
         serial = sum(cur.get(k, 0.0) for k in keys)
         rows.append(
@@ -558,7 +567,6 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
                 ideal=float(kern[sel, 2].sum()) * f / w,
                 first_start=first,
                 tail=cur["t_end"] - last,
-                gap=float(np.mean(gaps)) if gaps else 0.0,
                 build=cur.get("graph build", 0.0),
                 store=cur.get("store graphs", 0.0),
                 submit=cur.get("submit", 0.0),
@@ -586,17 +594,22 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
     n_b = len(rows)
     setup = total_s - makespan
 
-    # steady state: between the first and the last batch's completion every worker has queued
-    # work (the next batch is in flight), so the share of worker time spent in kernels there is
-    # the utilisation a long run keeps; the rest of the makespan is paid once per run
-    ends = sorted(c["t_end"] for c in done_batches)
+    # steady state: from the moment every worker has started its first kernel until the first
+    # worker has run its last, no worker is waiting for the run to start or to end, so the
+    # share of worker time spent in kernels there is what a long run keeps; the rest of the
+    # makespan (fill, the last waves, the drain) is paid once per run
     util, window = 1.0 - overhead, 0.0
-    if len(ends) >= 2:
-        lo, hi = ends[0], ends[-2] if len(ends) > 2 else ends[-1]
+    if len(kern):
+        first_k: dict[int, float] = {}
+        last_k: dict[int, float] = {}
+        for _, wid, a, b, _m in REC.kernels:
+            first_k[wid] = min(first_k.get(wid, np.inf), a)
+            last_k[wid] = max(last_k.get(wid, 0.0), b)
+        lo, hi = max(first_k.values()), min(last_k.values())
         window = hi - lo
         if window > 0:
             busy = np.clip(kern[:, 1], lo, hi) - np.clip(kern[:, 0], lo, hi)
-            util = float(busy.sum()) / (w * window)
+            util = max(1e-9, float(busy.sum()) / (w * window))
     one_off = max(0.0, makespan - ideal / util)
 
     # the full job: every structure is the same graph; the pipeline fills and drains once
@@ -648,14 +661,24 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         f"overhead {steady:.2f} s over {n_b} batch(es)"
     )
     p(
-        f"steady state (first → second-last batch's completion, {window:.1f} s): workers "
+        f"steady state (every worker between its first and last kernel, {window:.1f} s): "
+        f"workers "
         f"{100 * util:.1f}% in kernels, overhead {100 * (1 - util):.1f}%; paid once per run "
         f"(fill, last waves, drain): {one_off:.1f} s"
     )
     p(f"kernel tasks: {n_kernel} in {n_b} batch(es), {mean.get('units', 0):.0f} units per batch")
+    by_worker: dict[str, list] = {}
+    for _, wid, a, b, _m in REC.kernels:
+        by_worker.setdefault(wid, []).append((a, b))
+    gaps = []
+    for ks in by_worker.values():
+        ks.sort()
+        gaps += [s2 - e1 for (_, e1), (s2, _) in itertools.pairwise(ks)]
+    gaps_ms = 1e3 * np.array(gaps) if gaps else np.zeros(1)
     p(
-        f"scheduler: mean dispatch gap between consecutive kernel tasks on a worker "
-        f"{1e3 * mean.get('gap', 0):.2f} ms; peak tasks held {REC.sched_tasks_peak}; "
+        f"scheduler: gap between consecutive kernels on a worker: median "
+        f"{np.median(gaps_ms):.1f} ms, mean {gaps_ms.mean():.1f} ms, 90th percentile "
+        f"{np.percentile(gaps_ms, 90):.1f} ms; peak tasks held {REC.sched_tasks_peak}; "
         f"absolute overhead (makespan − list bound) {absolute:.2f} s = "
         f"{1e3 * absolute / max(1, n_kernel):.2f} ms per kernel task"
     )
@@ -666,11 +689,12 @@ def analyse(args, run, report, total_s, cluster_s, rss_base, results_bytes, expo
         by_kind.setdefault(kind, []).append(b - a)
     p(
         f"worker time over the makespan ({span:.0f} worker-s): kernels {100 * busy_k / span:.1f}%"
-        + "".join(
-            f", {kind} tasks {100 * sum(v) / span:.2f}% ({len(v)} × {1e3 * np.mean(v):.1f} ms)"
+        f", no kernel running {100 * (span - busy_k) / span:.1f}%; other tasks (beside the "
+        f"kernels with {args.threads} threads per worker, between them with 1): "
+        + ", ".join(
+            f"{kind} {100 * sum(v) / span:.2f}% ({len(v)} × {1e3 * np.mean(v):.1f} ms)"
             for kind, v in sorted(by_kind.items())
         )
-        + f", idle {100 * (span - busy_k - sum(map(sum, by_kind.values()))) / span:.1f}%"
     )
     if len(kern):
         last_end: dict[int, float] = {}

@@ -591,16 +591,23 @@ class ResultsStore:
 
     def write_done(self, structure: int, ranges: list[tuple[int, int]], row: np.ndarray) -> None:
         """Write the done bits of ``ranges`` from ``row`` (the structure's whole ``[M]`` row,
-        kept by the driver, the only writer): one write of the whole chunks that span them,
-        with no read-back."""
+        kept by the driver, the only writer): whole chunks, each touched chunk once and
+        consecutive ones in one write, with no read-back."""
         if not ranges:
             return
         if len(row) != self.n_images:
             raise ValueError(f"the done row has {len(row)} images, the store {self.n_images}")
         chunk = int(self._done.chunks[1])
-        a = min(r[0] for r in ranges) // chunk * chunk
-        b = min(self.n_images, -(-max(r[1] for r in ranges) // chunk) * chunk)
-        self._done[structure, a:b] = row[a:b]
+        touched = sorted({c for a, b in ranges for c in range(a // chunk, -(-b // chunk))})
+        runs: list[list[int]] = []
+        for c in touched:
+            if runs and c == runs[-1][1]:
+                runs[-1][1] = c + 1
+            else:
+                runs.append([c, c + 1])
+        for c0, c1 in runs:
+            a, b = c0 * chunk, min(self.n_images, c1 * chunk)
+            self._done[structure, a:b] = row[a:b]
 
     def clear_done(self, structure: int, start: int, stop: int, bits: int = 0xFF) -> None:
         """Clear ``bits`` for images ``[start, stop)`` (driver only)."""

@@ -66,9 +66,10 @@ RESULTS_NAME = "results.zarr"
 MAX_UNITS_PER_BATCH = 256
 #: Batches submitted at once: the next is built and submitted while the current one runs.
 BATCHES_IN_FLIGHT = 2
-#: Done marks are written at most this often (and at the end of every batch): a run killed
-#: in between recomputes those blocks on resume, with the same results.
-DONE_FLUSH_SECONDS = 2.0
+#: Done marks are written at most this often (and at the end of every batch, and on a
+#: failure or an interruption): a run killed in between recomputes those blocks on resume,
+#: with the same results.
+DONE_FLUSH_SECONDS = 10.0
 
 logger = logging.getLogger(__name__)
 

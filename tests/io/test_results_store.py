@@ -53,3 +53,17 @@ def test_write_done_writes_the_rows_marks_and_nothing_else(tmp_path) -> None:
     store.write_done(0, [(0, 7)], row)
     np.testing.assert_array_equal(store.done_images(0), row)
     np.testing.assert_array_equal(store.done()[0, :4], [1, 0, 3, 0])  # per block of 7
+
+
+def test_write_done_rewrites_only_the_touched_chunks(tmp_path) -> None:
+    store = _store(tmp_path / "results.zarr", 5000, 7)
+    chunk = int(store._done.chunks[1])
+    store._done[0, 2 * chunk : 3 * chunk] = 9  # a chunk no range touches
+    row = np.zeros(5000, np.uint8)
+    row[0:7] = 1
+    row[3 * chunk : 3 * chunk + 7] = 1
+    store.write_done(0, [(0, 7), (3 * chunk, 3 * chunk + 7)], row)
+    done = store.done_images(0)
+    assert np.all(done[2 * chunk : 3 * chunk] == 9)  # not rewritten from the row
+    np.testing.assert_array_equal(done[:chunk], row[:chunk])
+    np.testing.assert_array_equal(done[3 * chunk : 4 * chunk], row[3 * chunk : 4 * chunk])
