@@ -7,9 +7,11 @@ Synthetic log-likelihoods: image ``i`` comes from structure ``z_i`` (weights fro
 Dirichlet(2)), ``ll_ik = s·1[k = z_i] + N(0, 1)``, in two regimes: *separated* (``s = 6``
 nats: most images clearly belong to one structure) and *ambiguous* (``s = 2``). Reported:
 EM's passes over the matrix and time to the Frank–Wolfe certificate (gap < 1e-8), Gibbs
-iterations per second (one iteration updates all chains; draws/s = iterations/s × chains),
-Laplace and 5-fold CV times, and the whole ``cd.reweight`` without plots. A benchmark, not
-a test: nothing asserts on the figures.
+iterations per second (one iteration updates all chains; draws/s = iterations/s × chains;
+the plain sampler, without the Laplace moves), Laplace and 5-fold CV times, and the whole
+``cd.reweight`` without plots (EM, Laplace, Gibbs with the Laplace moves, CV, outputs).
+Times are the best of ``--repeats`` runs (the machine may be shared). A benchmark, not a
+test: nothing asserts on the figures.
 
 ``--coverage R`` also runs R replicates of the interval-coverage study of the tests
 (``tests/reweight/test_model.py``) and prints how many 95 % intervals cover the truth.
@@ -46,7 +48,7 @@ def _time(f, repeats: int = 1):
     return best, out
 
 
-def run(n: int, k: int, chains: int, samples: int, warmup: int) -> list[dict]:
+def run(n: int, k: int, chains: int, samples: int, warmup: int, repeats: int = 3) -> list[dict]:
     import warnings
 
     import cryolike_dask as cd
@@ -58,7 +60,8 @@ def run(n: int, k: int, chains: int, samples: int, warmup: int) -> list[dict]:
         t_shift, (L, _) = _time(lambda ll=ll: rw.shift_rows(ll), 3)
         t_em, fit = _time(lambda L=L: rw.fit_weights(L), 3)
         t_gibbs, g = _time(
-            lambda L=L: rw.gibbs(L, chains=chains, samples=samples, warmup=warmup, seed=1)
+            lambda L=L: rw.gibbs(L, chains=chains, samples=samples, warmup=warmup, seed=1),
+            repeats,
         )
         iters = warmup + samples
         t_lap, _ = _time(lambda L=L: rw.laplace(L))
@@ -74,7 +77,9 @@ def run(n: int, k: int, chains: int, samples: int, warmup: int) -> list[dict]:
                     samples=samples,
                     warmup=warmup,
                     plots=False,
-                )
+                    overwrite=True,
+                ),
+                repeats,
             )
         rows.append(
             {
@@ -129,19 +134,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--coverage", type=int, default=0, metavar="R")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timings are the best of this many runs (3)"
+    )
     args = ap.parse_args()
     print(
         f"_Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}; "
         f"{args.images} images × {args.structures} structures, {args.chains} chains × "
-        f"({args.warmup} + {args.samples}) iterations._\n"
+        f"({args.warmup} + {args.samples}) iterations, best of {args.repeats}._\n"
     )
     print(
         "| regime | EM (s) | EM passes | gap | Gibbs (s) | Gibbs iterations/s | draws/s | "
         "Laplace (s) | 5-fold CV (s) | `cd.reweight` (s) | max R-hat | min ESS |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in run(args.images, args.structures, args.chains, args.samples, args.warmup):
+    rows = run(args.images, args.structures, args.chains, args.samples, args.warmup, args.repeats)
+    for r in rows:
         print(
             f"| {r['regime']} | {r['em']:.3f} | {r['em_passes']} | {r['gap']:.1e} | "
             f"{r['gibbs']:.2f} | {r['gibbs_iterations_per_s']:.0f} | "

@@ -49,7 +49,10 @@ class ReweightOptions(BaseModel):
     ``prior_counts`` (cryoER's cluster counts ``N_m``: one per structure, or a file),
     ``none_column`` (a "none of these" component: a structure name or index of the source,
     or a file with one log-likelihood per image), ``none_alpha`` / ``none_prior_count``
-    (its concentration and prior count; default ``alpha`` and the mean prior count).
+    (its concentration and prior count; default ``alpha`` and the mean prior count),
+    ``temperature`` (a power likelihood: every log-likelihood is divided by ``T``; 1 = the
+    likelihood as given, > 1 for an overconfident one; :func:`calibrate_temperature` estimates
+    ``T`` from labelled simulated images).
 
     Inference: ``chains``, ``samples`` (kept per chain), ``warmup``, ``thin``, ``seed``,
     ``laplace`` (report the Laplace approximation), ``laplace_moves`` (add independence
@@ -74,6 +77,7 @@ class ReweightOptions(BaseModel):
     none_column: str | int | None = None
     none_alpha: float | None = Field(None, gt=0)
     none_prior_count: float | None = Field(None, gt=0)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     chains: int = Field(4, ge=1)
     samples: int = Field(500, ge=4)
     warmup: int = Field(200, ge=0)
@@ -295,14 +299,18 @@ def reweight_with_options(
     out = files.prepare_output_folder(output, overwrite)
 
     xp = _xp(o.device)
+    if o.temperature != 1.0:
+        # the power likelihood ℓ/T (generalised Bayes); every step below uses it
+        ll = ll / o.temperature
     L, shift = model.shift_rows(xp.asarray(ll))
     shift_total = float(shift.sum())
     logger.info(
-        "reweight: %d images × %d components (%s) from %s",
+        "reweight: %d images × %d components (%s) from %s%s",
         n_img,
         k,
         ", ".join(components),
         data.description,
+        "" if o.temperature == 1.0 else f", log-likelihoods / {o.temperature:g}",
     )
     # 1. EM with certificate
     t0 = time.perf_counter()
@@ -552,6 +560,7 @@ def reweight_with_options(
         },
         "model": {
             "concentration": alpha.tolist(),
+            "temperature": o.temperature,
             "prior_ensemble": None if baseline is None else (baseline / baseline.sum()).tolist(),
             "point_estimate": point,
         },
@@ -805,12 +814,15 @@ def reweight_folder(
     return reweight_with_options(Path(folder), target, o, overwrite=overwrite)
 
 
+calibrate_temperature = model.calibrate_temperature
+
 __all__ = [
     "NONE_NAME",
     "ReweightError",
     "ReweightOptions",
     "ReweightResult",
     "ReweightWarning",
+    "calibrate_temperature",
     "make_options",
     "reweight",
     "reweight_folder",

@@ -95,6 +95,14 @@ def add_reweight_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     )
     m.add_argument("--none-alpha", type=float, help="concentration of the none component (alpha)")
     m.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="power likelihood: use loglik / T (T > 1 widens the posterior for an overconfident "
+        "likelihood; estimate T from labelled simulations, see docs/reweight.md) (1)",
+    )
+    m.add_argument(
         "--none-prior-count", type=float, help="prior count of the none component (mean count)"
     )
     i = p.add_argument_group("inference")
@@ -182,6 +190,7 @@ def cmd_reweight(args: argparse.Namespace) -> int:
         none_column=maybe_int(args.none_column) if args.none_column is not None else None,
         none_alpha=args.none_alpha,
         none_prior_count=args.none_prior_count,
+        temperature=args.temperature,
         chains=args.chains,
         samples=args.samples,
         warmup=args.warmup,

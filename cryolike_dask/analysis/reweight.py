@@ -51,7 +51,7 @@ from cryolike_dask.kernels.backend import array_module, to_host
 #: the smallest mixture density used (p_i is never below the dominant structure's weight)
 _TINY = 1e-300
 #: share of moving assignments above which every row is processed (no gathers)
-_DIRECT = 0.5
+_DIRECT = 0.4
 #: images per block of that pass
 _BLOCK = 8192
 
@@ -431,16 +431,22 @@ def _over_dispersed_starts(chains: int, k: int, rng: np.random.Generator) -> np.
 
 class _Dominant:
     """Per-image dominant component ``d_i`` (``L_id = 1``), the counts ``[C, K]`` of the
-    assignments ``z = d`` and, for a shared matrix, ``Lᵀ`` contiguous (for ``w Lᵀ``)."""
+    assignments ``z = d`` and, for a shared matrix, ``R = Lᵀ`` with each image's dominant
+    entry set to 0 (``[K, N]`` contiguous: ``w R`` is every image's density without its
+    dominant component, and the rows of ``R`` are what the inverse-CDF draw reads)."""
 
     def __init__(self, L: Any, chains: int) -> None:
         xp = array_module(L)
         k = int(L.shape[-1])
         self.d = xp.argmax(L, axis=-1)
-        self.lt = xp.ascontiguousarray(L.T) if L.ndim == 2 else None
         if L.ndim == 2:
+            rest = xp.ascontiguousarray(L.T)
+            rest[self.d, xp.arange(L.shape[0])] = 0.0
+            self.rest = rest
+            self.rest_rows = xp.ascontiguousarray(rest.T)
             self.base = xp.tile(xp.bincount(self.d, minlength=k), (chains, 1))
         else:
+            self.rest = self.rest_rows = None
             offset = k * xp.arange(chains)[:, None]
             self.base = xp.reshape(
                 xp.bincount(xp.ravel(self.d + offset), minlength=chains * k), (chains, k)
@@ -449,7 +455,47 @@ class _Dominant:
 
 def _densities(xp: ModuleType, L: Any, dom: _Dominant, w: Any) -> Any:
     """``p_ci = Σ_k w_ck L_ik`` ``[C, N]`` (one matrix product for all chains)."""
-    return w @ dom.lt if dom.lt is not None else xp.matmul(L, w[:, :, None])[..., 0]
+    if dom.rest is None:
+        return xp.matmul(L, w[:, :, None])[..., 0]
+    return w @ dom.rest + xp.take(w, dom.d, axis=1)
+
+
+def _sum_log(xp: ModuleType, p: Any) -> Any:
+    """``Σ_i log max(p_ri, 1e-300)`` of each row of densities ``p [R, N]`` (``p ≤ 1``).
+
+    When every density is at least ``2^-100``, products of 8 (at least ``2^-800``, no
+    underflow) are formed by three halvings and only their logarithms are taken.
+    """
+    n = int(p.shape[-1])
+    n8 = n - n % 8
+    if n8 < 64 or not float(p.min()) >= 2.0**-100:
+        return xp.log(xp.maximum(p, _TINY)).sum(axis=-1)
+    x = p[..., :n8]
+    for _ in range(3):
+        h = x.shape[-1] // 2
+        x = x[..., :h] * x[..., h:]
+    out = xp.log(x).sum(axis=-1)
+    if n8 < n:
+        out = out + xp.log(p[..., n8:]).sum(axis=-1)
+    return out
+
+
+def _inverse_cdf(xp: ModuleType, rest: Any, weight: Any, target: Any) -> Any:
+    """``z = #{k : Σ_{j ≤ k} weight_j rest_j ≤ target}`` (the inverse CDF of the target in
+    the components' order; ``K`` when the target is past them all), small integers of
+    ``target``'s shape. ``rest [K, n]``; ``weight [K, ...]`` broadcasts with it to
+    ``target``'s shape. One pass over the ``K`` rows with preallocated buffers."""
+    k = int(rest.shape[0])
+    acc = weight[0] * rest[0]
+    below = acc <= target
+    z = below.astype(xp.int8 if k < 127 else xp.int32)
+    tmp = xp.empty_like(acc)
+    for j in range(1, k):
+        xp.multiply(weight[j], rest[j], out=tmp)
+        acc += tmp
+        xp.less_equal(acc, target, out=below)
+        z += below
+    return z
 
 
 def _assign(xp: ModuleType, L: Any, dom: _Dominant, w: Any, p: Any, rng: Any) -> tuple[Any, int]:
@@ -457,14 +503,66 @@ def _assign(xp: ModuleType, L: Any, dom: _Dominant, w: Any, p: Any, rng: Any) ->
     return the counts ``[C, K]`` and how many assignments differ from the dominant
     component.
 
+    With ``t_i = u_i p_i``, ``u_i ~ U(0, 1)``: ``z_i = d_i`` unless ``t_i < p_i − w_d``
+    (probability ``1 − w_d / p_i``); then ``z_i`` is the inverse CDF of ``t_i`` over the other
+    components in order (``R``'s rows, :func:`_inverse_cdf`). When few images move only
+    their columns of ``R`` are read; else every column, in blocks that stay in cache - the
+    same arithmetic on the same numbers either way, so the map from the uniforms to ``z``
+    does not depend on the path.
+    """
+    if dom.rest is None:
+        return _assign_stacked(xp, L, dom, w, p, rng)
+    c, k = w.shape
+    n_img = L.shape[-2]
+    wd = xp.take(w, dom.d, axis=1)
+    target = rng.random((c, n_img)) * p
+    move = target < p - wd
+    n_move = int(xp.count_nonzero(move))
+    if not n_move:
+        return dom.base, 0
+    offset = k * xp.arange(c)
+    if n_move > _DIRECT * c * n_img:
+        wt = w.T[:, :, None]  # [K, C, 1]
+        z = xp.empty((c, n_img), dtype=xp.int8 if k < 127 else xp.int32)
+        for a in range(0, n_img, _BLOCK):
+            b = min(n_img, a + _BLOCK)
+            z[:, a:b] = _inverse_cdf(xp, dom.rest[:, a:b], wt, target[:, a:b])
+        # movers past every component (round-off, ~1e-16) keep their dominant one
+        zz = xp.where(move & (z < k), z, dom.d[None, :]) + offset[:, None]
+        counts = xp.reshape(xp.bincount(xp.ravel(zz), minlength=c * k), (c, k))
+        return counts, n_move
+    flat = xp.flatnonzero(move)  # chain-major: each chain's movers are one slice
+    cm = flat // n_img
+    ii = flat - cm * n_img
+    dm = xp.take(dom.d, ii)
+    t = xp.take(xp.ravel(target), flat)
+    rows = xp.take(dom.rest_rows, ii, axis=0)  # [moving, K]
+    ends = np.cumsum(np.asarray(to_host(xp.count_nonzero(move, axis=1))))
+    z = xp.empty(n_move, dtype=xp.int8 if k < 127 else xp.int32)
+    start = 0
+    for ch in range(c):
+        wc = w[ch][:, None]
+        for a in range(start, int(ends[ch]), _BLOCK):
+            b = min(int(ends[ch]), a + _BLOCK)
+            z[a:b] = _inverse_cdf(xp, rows[a:b].T, wc, t[a:b])
+        start = int(ends[ch])
+    zm = xp.where(z < k, z, dm)
+    moved = xp.bincount(zm + k * cm, minlength=c * k) - xp.bincount(dm + k * cm, minlength=c * k)
+    return dom.base + xp.reshape(moved, (c, k)), n_move
+
+
+def _assign_stacked(
+    xp: ModuleType, L: Any, dom: _Dominant, w: Any, p: Any, rng: Any
+) -> tuple[Any, int]:
+    """:func:`_assign` for ``C`` independent problems ``L [C, N, K]`` (one chain each).
+
     With ``u_i ~ U(0, 1)``: ``z_i = d_i`` unless ``u_i p_i < p_i − w_d`` (probability
     ``1 − w_d / p_i``), so only those images' rows are read again, and ``u_i p_i`` picks their
     component from the cumulative sum of the other components.
     """
     c, k = w.shape
     n_img = L.shape[-2]
-    shared = dom.lt is not None
-    wd = xp.take(w, dom.d, axis=1) if shared else xp.take_along_axis(w, dom.d, axis=1)
+    wd = xp.take_along_axis(w, dom.d, axis=1)
     target = rng.random((c, n_img)) * p
     flat = xp.flatnonzero(target < p - wd)
     n_move = int(flat.size)
@@ -480,8 +578,8 @@ def _assign(xp: ModuleType, L: Any, dom: _Dominant, w: Any, p: Any, rng: Any) ->
         for ch in range(c):
             for a in range(0, n_img, _BLOCK):
                 b = min(n_img, a + _BLOCK)
-                d = dom.d[a:b] if shared else dom.d[ch, a:b]
-                wl = (L[a:b] if shared else L[ch, a:b]) * w[ch]
+                d = dom.d[ch, a:b]
+                wl = L[ch, a:b] * w[ch]
                 xp.put_along_axis(wl, d[:, None], 0.0, axis=1)
                 cum = xp.cumsum(wl, axis=1)
                 z = xp.minimum((cum <= target[ch, a:b, None]).sum(axis=1), k - 1)
@@ -489,13 +587,8 @@ def _assign(xp: ModuleType, L: Any, dom: _Dominant, w: Any, p: Any, rng: Any) ->
                 counts[ch] += xp.bincount(xp.where(ok, z, d), minlength=k)
         return counts, n_move
     cm = flat // n_img
-    if shared:
-        ii = flat - cm * n_img
-        rows = xp.take(L, ii, axis=0)
-        dm = xp.take(dom.d, ii)
-    else:
-        rows = xp.take(xp.reshape(L, (-1, k)), flat, axis=0)
-        dm = xp.take(xp.ravel(dom.d), flat)
+    rows = xp.take(xp.reshape(L, (-1, k)), flat, axis=0)
+    dm = xp.take(xp.ravel(dom.d), flat)
     wl = rows * xp.take(w, cm, axis=0)
     xp.put_along_axis(wl, dm[:, None], 0.0, axis=1)
     cum = xp.cumsum(wl, axis=1)
@@ -550,8 +643,9 @@ def gibbs(
 
     Notes
     -----
-    One iteration: ``p = L w`` (one matrix product for all chains); with a proposal, the
-    move ``w → w'`` (a second product); ``z_i ~ Cat(w_k L_ik)`` for every image (most
+    One iteration: ``p = L w`` (one matrix product for all chains, which with a proposal
+    also gives the densities of the next independence proposal ``w'``: it does not depend on
+    the state); with a proposal, the move ``w → w'``; ``z_i ~ Cat(w_k L_ik)`` for every image (most
     decided by one comparison, see :func:`_assign`); then ``w' ~ Dirichlet(a + counts)``;
     with prior counts that draw is an independence Metropolis–Hastings proposal for
     ``p(w | z)`` accepted with ``min(1, t(w')/t(w))``. Every step leaves the posterior
@@ -594,8 +688,16 @@ def gibbs(
     n_iter = warmup + samples * thin
     n_cand = 0
     for it in range(n_iter):
-        p = _densities(xp, L, dom, w)
-        loglik = xp.log(xp.maximum(p, _TINY)).sum(axis=-1)
+        first = None
+        if proposal is None:
+            p = _densities(xp, L, dom, w)
+            loglik = _sum_log(xp, p)
+        else:
+            # the first move's proposal is independent of the state: one product for both
+            first = proposal.draw(host_rng, c)
+            both = _densities(xp, L, dom, xp.concatenate([w, xp.asarray(first[0])]))
+            ll_both = _sum_log(xp, both)
+            p, loglik = both[:c], ll_both[:c]
         keep = it >= warmup and (it - warmup) % thin == 0
         if keep:
             j = (it - warmup) // thin
@@ -607,11 +709,16 @@ def gibbs(
             ll_old = np.asarray(to_host(loglik))
             log_old = ll_old + log_prior_host(w_h) + np.log(np.maximum(w_h, _TINY)).sum(axis=1)
             q_old = proposal.log_density(proposal.eta(w_h))
-            for _ in range(moves):
-                new_h, q_new = proposal.draw(host_rng, c)
+            for move in range(moves):
+                if move == 0:
+                    new_h, q_new = first
+                    p_new = both[c:]
+                    ll_new = np.asarray(to_host(ll_both[c:]))
+                else:
+                    new_h, q_new = proposal.draw(host_rng, c)
+                    p_new = _densities(xp, L, dom, xp.asarray(new_h))
+                    ll_new = np.asarray(to_host(_sum_log(xp, p_new)))
                 w_new = xp.asarray(new_h)
-                p_new = _densities(xp, L, dom, w_new)
-                ll_new = np.asarray(to_host(xp.log(xp.maximum(p_new, _TINY)).sum(axis=-1)))
                 log_new = (
                     ll_new + log_prior_host(new_h) + np.log(np.maximum(new_h, _TINY)).sum(axis=1)
                 )
@@ -928,6 +1035,82 @@ def cross_validate(
         )
 
 
+# ------------------------------------------------------------------------------ temperature
+@dataclass(frozen=True)
+class TemperatureFit:
+    """A temperature estimated from labelled images (:func:`calibrate_temperature`).
+
+    Attributes
+    ----------
+    temperature : float
+        ``T`` minimising the mean negative log-probability of the true labels.
+    nll : float
+        That mean (nats per image) at ``temperature``.
+    nll_untempered : float
+        The same at ``T = 1``.
+    weights : numpy.ndarray
+        ``[K]`` mixture weights used (the labels' shares unless given).
+    """
+
+    temperature: float
+    nll: float
+    nll_untempered: float
+    weights: np.ndarray
+
+
+def calibrate_temperature(
+    loglik: Any, labels: Any, weights: Any = None, *, bounds: tuple[float, float] = (1e-2, 1e3)
+) -> TemperatureFit:
+    """The temperature of a power likelihood ``ℓ/T`` from images whose components are known.
+
+    Temperature scaling (Guo et al. 2017): with ``r_ik(T) ∝ w_k exp(ll_ik / T)``, ``T``
+    minimises ``−(1/N) Σ_i log r_i,labels_i(T)``, a convex function of ``β = 1/T`` (a
+    log-sum-exp of functions linear in ``β`` minus a linear one), so the bounded scalar search
+    finds its global minimum. Meant for simulated particles of the candidate structures
+    (known labels) made and processed like the data: ``T > 1`` says their likelihood ratios
+    are overconfident, ``T < 1`` underconfident.
+
+    Parameters
+    ----------
+    loglik : array
+        ``[N, K]`` log-likelihoods (nats) of labelled images.
+    labels : array of int
+        ``[N]`` the true component of each image.
+    weights : array or None
+        ``[K]`` mixture weights of those images (default: the labels' shares).
+    bounds : (float, float)
+        Search interval of ``T``.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    ll = np.asarray(to_host(loglik), dtype=np.float64)
+    z = np.asarray(to_host(labels)).astype(np.int64).reshape(-1)
+    if ll.ndim != 2 or z.size != ll.shape[0]:
+        raise ValueError(f"expected loglik [N, K] and labels [N], got {ll.shape} and {z.shape}")
+    n, k = ll.shape
+    if np.any((z < 0) | (z >= k)):
+        raise ValueError(f"labels must lie in 0 .. {k - 1}")
+    if not np.all(np.isfinite(ll)):
+        raise ValueError("the log-likelihoods must be finite")
+    w = np.bincount(z, minlength=k) / n if weights is None else _host_vector(weights, k, "weights")
+    with np.errstate(divide="ignore"):
+        lw = np.log(w / w.sum())
+    own = ll[np.arange(n), z]
+    if not np.all(np.isfinite(lw[z])):
+        raise ValueError("a label has zero weight")
+
+    def nll(log_beta: float) -> float:
+        beta = math.exp(log_beta)
+        return float(np.mean(logsumexp(beta * ll + lw, axis=1) - beta * own - lw[z]))
+
+    lo, hi = bounds
+    res = minimize_scalar(
+        nll, bounds=(-math.log(hi), -math.log(lo)), method="bounded", options={"xatol": 1e-10}
+    )
+    return TemperatureFit(float(math.exp(-res.x)), float(res.fun), nll(0.0), w / w.sum())
+
+
 __all__ = [
     "QUANTILES",
     "BootstrapResult",
@@ -937,7 +1120,9 @@ __all__ = [
     "LaplaceResult",
     "Proposal",
     "Summary",
+    "TemperatureFit",
     "bootstrap",
+    "calibrate_temperature",
     "cross_validate",
     "default_rng",
     "fit_weights",

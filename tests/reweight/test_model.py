@@ -170,6 +170,18 @@ def test_assignments_follow_the_responsibilities(monkeypatch, direct: float) -> 
         assert np.all(np.abs(total[c] / reps - r.sum(axis=0)) < 4.5 * se)
 
 
+def test_sum_of_log_densities() -> None:
+    """The sampler's ``Σ log p`` (logarithms of products of 8) against the plain sum."""
+    rng = np.random.default_rng(5)
+    for n in (7, 64, 1001, 4099):
+        p = rng.uniform(1e-3, 1.0, size=(3, n))
+        np.testing.assert_allclose(rw._sum_log(np, p), np.log(p).sum(axis=1), rtol=1e-13)
+    p[1, 17] = 1e-200  # products of 8 could underflow: the plain sum is used
+    np.testing.assert_allclose(rw._sum_log(np, p), np.log(p).sum(axis=1), rtol=1e-13)
+    p[2, 5] = 0.0
+    assert rw._sum_log(np, p)[2] == pytest.approx(np.log(1e-300) + np.log(np.delete(p[2], 5)).sum())
+
+
 @pytest.mark.parametrize(
     ("n", "alpha", "counts", "moves"),
     [
