@@ -70,6 +70,8 @@ BATCHES_IN_FLIGHT = 2
 #: failure or an interruption): a run killed in between recomputes those blocks on resume,
 #: with the same results.
 DONE_FLUSH_SECONDS = 10.0
+#: Stacks one export task writes (the driver submits one task per few stacks, not per stack).
+STACKS_PER_EXPORT_TASK = 8
 
 logger = logging.getLogger(__name__)
 
@@ -618,6 +620,7 @@ def _export_ready(
     without it the exports run here."""
     bits = run.request.bits
     quantities = run.request.quantities
+    todo: list[tuple[int, Any]] = []
     for i_stack in candidates:
         info = run.images.stacks[i_stack]
         if i_stack in exported:
@@ -634,10 +637,12 @@ def _export_ready(
         if submit is None:
             export_stack(results, layout, structure, i_stack, info, quantities, fp)
         else:
-            args = (results.path, layout, structure, i_stack, info, tuple(quantities), fp)
-            submit(export_stack_task, *args)
+            todo.append((i_stack, info))
         exported.add(i_stack)
         report.stacks_exported += 1
+    for i in range(0, len(todo), STACKS_PER_EXPORT_TASK):  # a few stacks per task
+        group = todo[i : i + STACKS_PER_EXPORT_TASK]
+        submit(export_stack_task, results.path, layout, structure, group, tuple(quantities), fp)
 
 
 def run_likelihood(

@@ -599,15 +599,16 @@ def export_stack_task(
     results_path: Any,
     layout: Any,
     structure: int,
-    i_stack: int,
-    stack: Any,
+    stacks: list[tuple[int, Any]],
     quantities: tuple,
     fingerprint: dict,
 ) -> None:
-    """Export one stack's ``.pt`` files and completion record from the results store (a task
-    beside the batches, once every block of the stack is stored)."""
+    """Export stacks ``[(index, StackInfo), ...]``: each one's ``.pt`` files and completion
+    record from the results store (a task beside the batches, once every block of those
+    stacks is stored)."""
     from cryolike_dask.io.exports import export_stack
     from cryolike_dask.io.zarr_stores import ResultsStore
 
     results = ResultsStore.open(results_path, mode="r")
-    export_stack(results, layout, structure, i_stack, stack, quantities, fingerprint)
+    for i_stack, stack in stacks:
+        export_stack(results, layout, structure, i_stack, stack, quantities, fingerprint)
