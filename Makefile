@@ -31,7 +31,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check cryolike_dask tests benchmarks
-	$(PY) -m ruff format --check cryolike_dask tests
+	$(PY) -m ruff format --check cryolike_dask tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_output
