@@ -17,12 +17,21 @@ import dask.array as da
 import numpy as np
 
 from cryolike_dask.io.zarr_stores import params_to_json
-from cryolike_dask.pipeline.cluster import describe_workers, kernel_resources, resolve_device
+from cryolike_dask.pipeline.cluster import WorkerInfo, describe_workers, resolve_device
 from cryolike_dask.pipeline.driver import _cache_and_pool, kernel_settings, plan_run
 from cryolike_dask.pipeline.graph import build_batch_graph
 from cryolike_dask.pipeline.spec import LikelihoodRun, RunConfigurationError, validate
 
 logger = logging.getLogger(__name__)
+
+
+def _without_kernel_resources(workers: list[WorkerInfo] | None) -> list[WorkerInfo] | None:
+    """The workers as the lazy dataset must plan for them: dask.array's graph optimisation
+    drops resource annotations (dask/dask#7036), so a worker may run as many kernels at once
+    as it has threads, each with its share of the GPU."""
+    if workers is None:
+        return None
+    return [dataclasses.replace(w, resources={}) for w in workers]
 
 
 def likelihood_dataset(run: LikelihoodRun, client: Any = None, memory_bytes: int | None = None):
@@ -41,6 +50,7 @@ def likelihood_dataset(run: LikelihoodRun, client: Any = None, memory_bytes: int
     validate(dataclasses.replace(run, output=None))
     workers = describe_workers(client) if client is not None else None
     device = resolve_device(run.device, client, workers)
+    workers = _without_kernel_resources(workers)
     run = dataclasses.replace(run, device=device, output=None)
     plan, budget = plan_run(run, client, memory_bytes, workers)
     settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
@@ -67,7 +77,6 @@ def likelihood_dataset(run: LikelihoodRun, client: Any = None, memory_bytes: int
                 t_ranges,
                 run.request,
                 split_every=plan.split_every,
-                kernel_resources=kernel_resources(workers, run.device),
             )
         )
     tasks = sum(g.n_kernel_tasks for g in graphs)

@@ -222,3 +222,82 @@ def test_store_tasks_write_the_lazy_outputs(ref_inputs, tmp_path) -> None:
         np.testing.assert_array_equal(written, lazy[q.name].astype(written.dtype), q.name)
         if q.scope == "image":  # structure 0's row only
             assert not np.any(targets[q.name][1]), q.name
+
+
+def test_kernels_take_the_gpu_resource_one_at_a_time(ref_inputs, monkeypatch, tmp_path) -> None:
+    """On a worker with two threads and one ``GPU`` resource, the driver's kernel tasks
+    never overlap (Dask keeps the annotation of our materialised layers when it computes the
+    store units) while loads use the other thread. The lazy outputs go through dask.array's
+    optimisation, which drops annotations (dask/dask#7036): the lazy dataset is therefore
+    planned without the resource (see ``test_lazy_dataset_is_planned_per_thread``)."""
+    import itertools
+    import threading
+    import time
+
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from cryolike_dask.pipeline.executor import Batch, Executor
+    from cryolike_dask.pipeline.graph import store_units
+
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+    real_kernel, real_load = tasks.correlate_task, tasks.load_image_block
+
+    def timed(kind, fn):
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            time.sleep(0.05)
+            out = fn(*args)
+            with lock:
+                spans.append((kind, t0, time.perf_counter()))
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(tasks, "correlate_task", timed("kernel", real_kernel))
+    monkeypatch.setattr(tasks, "load_image_block", timed("load", real_load))
+    settings = _settings(ref_inputs)
+    request = OutputRequest()
+    g = build_batch_graph(
+        settings, ref_inputs["templates"], 0, ref_inputs["images"], _ranges(24, 4),
+        _ranges(96, 32), request, kernel_resources={"GPU": 1},
+    )  # fmt: skip
+    root = zarr.open_group(tmp_path / "out.zarr", mode="w")
+    targets = {
+        q.name: root.create_array(
+            q.name, shape=(1, 24), chunks=(1, 4), dtype=np.int64 if q.kind == "int" else "f4"
+        )
+        for q in request.quantities
+    }
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 1},
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        units = store_units(g, request, targets, [[i] for i in range(6)])
+        Executor(client, progress=False).run_batches([Batch([(u, 1) for u in units])])
+    kernels = sorted((a, b) for kind, a, b in spans if kind == "kernel")
+    assert len(kernels) == 18  # 6 image blocks × 3 template blocks
+    assert all(a2 >= b1 for (_, b1), (a2, _) in itertools.pairwise(kernels))
+    loads = [(a, b) for kind, a, b in spans if kind == "load"]
+    # a load ran while a kernel did: the second thread was used
+    assert any(a < kb and ka < b for a, b in loads for ka, kb in kernels)
+    lazy = dask.compute(g.outputs["optimal_template"], scheduler="sync")[0]
+    np.testing.assert_array_equal(targets["optimal_template"][0], lazy)
+
+
+def test_lazy_dataset_is_planned_per_thread() -> None:
+    """The lazy dataset cannot keep kernels to one per GPU (array optimisation drops the
+    resource annotation), so it plans each kernel with a thread's share of the GPU."""
+    from cryolike_dask.pipeline import cluster as cl
+    from cryolike_dask.pipeline import dataset
+
+    with_resource = cl.WorkerInfo("a", 2, 0, True, 2**30, 2**30, "0", {"GPU": 1})
+    (planned,) = dataset._without_kernel_resources([with_resource])
+    assert planned.kernel_slots == 2 and with_resource.kernel_slots == 1
+    assert cl.worker_memory(object(), "gpu", [planned]) < cl.worker_memory(
+        object(), "gpu", [with_resource]
+    )
