@@ -487,8 +487,8 @@ def _execute(
             st.bar.close()
             try:  # what finished before a failure or an interruption stays done
                 st.flush()
-            except Exception:  # the original error matters more  # pragma: no cover
-                logger.exception("could not write the done marks of %s", results.path)
+            except Exception as exc:  # the original error matters more  # pragma: no cover
+                logger.warning("could not write the done marks of %s: %s", results.path, exc)
     report.compute_seconds += time.perf_counter() - t0
     report.seconds = time.perf_counter() - t_start
     return report
@@ -550,8 +550,8 @@ class _Structure:
             self._export(_stacks_touching(self.starts, ranges[0][0], ranges[-1][1]))
 
     def flush(self) -> None:
-        """Write the done marks made since the last flush (a whole done chunk at a time)."""
-        if self._dirty:
+        """Write the done marks made since the last flush (whole done chunks)."""
+        if self._dirty and len(self.done_row):
             self.results.write_done(self.k, self._dirty, self.done_row)
             self._dirty.clear()
         self._flushed = time.monotonic()
@@ -570,10 +570,13 @@ class _Structure:
             self.finish()
 
     def finish(self) -> None:
-        """The structure is done: close its display, export whatever is left to export."""
+        """The structure is done: close its display, export whatever is left to export, and
+        let go of its done row (the driver's memory stays one row per structure in flight)."""
         self.bar.close()
+        self.flush()
         if self.run.export_pt:
             self._export(range(len(self.run.images.stacks)))
+        self.done_row = np.zeros(0, np.uint8)
 
     def _export(self, candidates: Any) -> None:
         _export_ready(
