@@ -1,9 +1,10 @@
 """A simulated many-GPU run: the real driver on many emulated workers (issue 16).
 
 The real planner, graph builder, driver loop (:func:`cryolike_dask.pipeline.driver.execute`)
-and a real ``results.zarr`` on disk, on a ``LocalCluster`` of in-process single-thread
-workers. Only the work inside the tasks is replaced, in this process (the workers are
-in-process, so the patch reaches them):
+and a real ``results.zarr`` on disk, on a ``LocalCluster`` of in-process workers with
+``--threads`` (2) threads and one ``GPU`` resource each, as our GPU clusters start them.
+Only the work inside the tasks is replaced, in this process (the workers are in-process, so
+the patch reaches them):
 
 - ``tasks.correlate_task`` sleeps ``m·s·D·W / rate × time_factor`` seconds and returns a
   :class:`BlockResult` with the real per-image arrays (``best_cross_correlation``,
@@ -18,7 +19,9 @@ in-process, so the patch reaches them):
 Everything else (graph, reduction tree, the store tasks writing ``results.zarr``, done
 marks, exports with ``--export``) is the production code. Structures are scaled down
 (``--structures`` of ``--total-structures``) and the results scaled up: every structure is
-the same graph, run one after the other by the driver.
+the same graph; the driver keeps two batches (here: structures) in flight. The prediction
+uses the steady state (every worker between its first and last kernel) and adds what the run
+paid once.
 
     .venv/bin/python -m benchmarks.scale                      # 100 workers, 10⁶ images
     .venv/bin/python -m benchmarks.scale --workers 10 --time-factor 0.1
