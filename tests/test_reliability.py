@@ -28,6 +28,7 @@ from cryolike_dask.io.particle_metadata import MetadataError, read_cs, read_star
 from cryolike_dask.io.zarr_stores import ResultsStore
 from cryolike_dask.params import ImageParameters, LensParameters, ParameterFileError
 from cryolike_dask.params.npz import read_npz, write_npz
+from tests.conftest import reference_likelihood_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,26 +69,12 @@ def _likelihood(folder: Path, out: Path, *extra: str) -> int:
 
 def _likelihood_args(folder: Path, out: Path, *extra: str) -> list[str]:
     """``likelihood`` on the inputs in ``folder`` (3 × 3 displacements, the module cluster)."""
-    return [
-        "likelihood",
-        "--templates",
-        str(folder / "templates"),
-        "--particles",
-        str(folder / "particles"),
-        "--params",
-        str(folder / "templates" / "parameters.npz"),
-        "--output",
-        str(out),
-        "--max-displacement-pixels",
-        "1.5",
-        "--n-displacements-x",
-        "3",
-        "--n-displacements-y",
-        "3",
-        *_on_cluster(),
-        "--no-progress",
-        *extra,
-    ]
+    return reference_likelihood_args(
+        folder,
+        out,
+        *("--max-displacement-pixels", "1.5", "--n-displacements-x", "3"),
+        *("--n-displacements-y", "3", *_on_cluster(), "--no-progress", *extra),
+    )
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

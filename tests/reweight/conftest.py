@@ -3,10 +3,12 @@ writers (``ResultsStore``, per-stack ``.pt`` files, ``stitch``) instead of a slo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import integrate
 
 from cryolike_dask.io.outputs import quantity
 from cryolike_dask.io.stitch import stitch
@@ -137,3 +139,33 @@ def likelihood_folder(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     """``(folder, ll [60, 2], z)``: a 70/30 mixture of two structures ``apo`` and ``holo``."""
     ll, z = mixture_loglik(np.random.default_rng(0), 60, [0.7, 0.3])
     return make_likelihood_folder(tmp_path / "run", ll, ["apo", "holo"]), ll, z
+
+
+def posterior_quadrature(
+    ll: np.ndarray, alpha: float, counts: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Posterior mean and sd of w_1 for two components by quadrature of the exact posterior
+    (the prior in w: the scaled Dirichlet of the reweighting factors)."""
+    lik = np.exp(ll - ll.max())
+    n = np.array([0.5, 0.5]) if counts is None else counts / counts.sum()
+
+    def log_post(w: float) -> float:
+        v = np.array([w, 1.0 - w])
+        return float(
+            np.sum(np.log(lik @ v))
+            + np.sum((alpha - 1.0) * np.log(v))
+            - 2 * alpha * np.log(np.sum(v / n))
+        )
+
+    grid = np.linspace(1e-6, 1 - 1e-6, 2001)
+    peak = max(log_post(w) for w in grid)
+
+    def moment(j: int) -> float:
+        value, _ = integrate.quad(
+            lambda w: w**j * math.exp(log_post(w) - peak), 0, 1, limit=400, epsabs=0, epsrel=1e-10
+        )
+        return value
+
+    z = moment(0)
+    mean = moment(1) / z
+    return mean, math.sqrt(moment(2) / z - mean**2)

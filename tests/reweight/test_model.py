@@ -12,11 +12,12 @@ import math
 
 import numpy as np
 import pytest
-from scipy import integrate, optimize, stats
+from scipy import optimize, stats
 from scipy.special import logsumexp
 
 from cryolike_dask.analysis import mcmc
 from cryolike_dask.analysis import reweight as rw
+from tests.reweight.conftest import posterior_quadrature
 from tests.standin import cupy_standin_fixture  # noqa: F401 - the fixture ``cupy_standin``
 
 
@@ -123,34 +124,6 @@ def test_em_certificate_bounds_the_suboptimality() -> None:
 
 
 # ------------------------------------------------------------------------------ Gibbs
-def _quadrature(
-    ll: np.ndarray, alpha: float, counts: np.ndarray | None = None
-) -> tuple[float, float]:
-    """Posterior mean and sd of w_1 for two components by quadrature of the exact posterior
-    (the prior in w: the scaled Dirichlet of the reweighting factors)."""
-    lik = np.exp(ll - ll.max())
-    n = np.array([0.5, 0.5]) if counts is None else counts / counts.sum()
-
-    def log_post(w: float) -> float:
-        v = np.array([w, 1.0 - w])
-        return float(
-            np.sum(np.log(lik @ v))
-            + np.sum((alpha - 1.0) * np.log(v))
-            - 2 * alpha * np.log(np.sum(v / n))
-        )
-
-    grid = np.linspace(1e-6, 1 - 1e-6, 2001)
-    peak = max(log_post(w) for w in grid)
-
-    def moment(j: int) -> float:
-        value, _ = integrate.quad(
-            lambda w: w**j * math.exp(log_post(w) - peak), 0, 1, limit=400, epsabs=0, epsrel=1e-10
-        )
-        return value
-
-    z = moment(0)
-    mean = moment(1) / z
-    return mean, math.sqrt(moment(2) / z - mean**2)
 
 
 @pytest.mark.parametrize("direct", [0.0, 2.0], ids=["every-row", "gathered"])
@@ -208,7 +181,7 @@ def test_gibbs_matches_quadrature_for_two_structures(
 ) -> None:
     rng = np.random.default_rng(3)
     ll = _gauss_mixture(rng, n, np.array([0.7, 0.3]), np.array([0.0, 1.5]))
-    mean, sd = _quadrature(ll, alpha, counts)
+    mean, sd = posterior_quadrature(ll, alpha, counts)
     L = rw.shift_rows(ll)[0]
     proposal = rw.laplace(L, concentration=alpha, baseline=counts).proposal() if moves else None
     g = rw.gibbs(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import integrate, stats
+from scipy import stats
 from scipy.special import log_softmax
 
 import cryolike_dask as cd
@@ -20,6 +20,7 @@ from cryolike_dask._reweight import ReweightError, make_options
 from cryolike_dask.analysis import mcmc
 from cryolike_dask.analysis import reweight as rw
 from cryolike_dask.cli import main
+from tests.reweight.conftest import posterior_quadrature
 
 pytestmark = pytest.mark.filterwarnings("ignore::cryolike_dask._reweight.ReweightWarning")
 
@@ -51,33 +52,12 @@ def test_temperature_one_is_the_untempered_run(tmp_path: Path) -> None:
         make_options(temperature=0.0)
 
 
-def _tempered_quadrature(ll: np.ndarray, temperature: float) -> tuple[float, float]:
-    """Posterior mean and sd of w_1 under Π_i (w e^{ll_i1/T} + (1 − w) e^{ll_i2/T}) and a
-    uniform prior, by quadrature."""
-    x = ll / temperature
-    lik = np.exp(x - x.max())
-
-    def log_lik(w: float) -> float:
-        return float(np.sum(np.log(lik @ np.array([w, 1.0 - w]))))
-
-    peak = max(log_lik(w) for w in np.linspace(1e-6, 1 - 1e-6, 2001))
-
-    def moment(j: int) -> float:
-        value, _ = integrate.quad(
-            lambda w: w**j * math.exp(log_lik(w) - peak), 0, 1, limit=400, epsabs=0, epsrel=1e-10
-        )
-        return value
-
-    z = moment(0)
-    mean = moment(1) / z
-    return mean, math.sqrt(moment(2) / z - mean**2)
-
-
 def test_tempered_posterior_matches_quadrature(tmp_path: Path) -> None:
     ll, _ = _labelled(np.random.default_rng(3), 60, [0.7, 0.3], [0.0, 2.5])
     temperature = 3.0
-    mean, sd = _tempered_quadrature(ll, temperature)
-    _, sd_untempered = _tempered_quadrature(ll, 1.0)
+    # the tempered posterior is the exact posterior of ll / T (uniform prior: alpha = 1)
+    mean, sd = posterior_quadrature(ll / temperature, 1.0)
+    _, sd_untempered = posterior_quadrature(ll, 1.0)
     assert sd > 1.3 * sd_untempered  # the tempering matters here
     r = cd.reweight(ll, tmp_path / "o", layout="images-by-structures", temperature=temperature,
                     chains=4, samples=2500, warmup=100, folds=0, plots=False, seed=5)  # fmt: skip
