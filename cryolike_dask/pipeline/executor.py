@@ -226,13 +226,25 @@ class Executor:
                 if batch.on_complete is not None:
                     batch.on_complete()
 
+        top_up()
+        self._drain(pending, finished, future_of=lambda entry: entry[0])
+        return submitted[0]
+
+    def _drain(
+        self,
+        pending: list,
+        finished: Callable[[Any], None],
+        future_of: Callable[[Any], Any] = lambda future: future,
+    ) -> None:
+        """Hand each entry of ``pending`` to ``finished`` as its future completes (``finished``
+        may add entries), and check the side tasks, until nothing is left; cancel everything
+        still running on any error or on an interruption (checked at least twice a second)."""
         try:
-            top_up()
             while pending or self._side:
                 if interrupted():
                     raise KeyboardInterrupt
                 self._check_side()
-                done = [e for e in pending if e[0].done()]
+                done = [e for e in pending if future_of(e).done()]
                 if not done:
                     time.sleep(0.05)
                     continue
@@ -241,29 +253,8 @@ class Executor:
                 for entry in done:
                     finished(entry)
         except BaseException:
-            self.client.cancel([e[0] for e in pending] + self._side)
+            self.client.cancel([future_of(e) for e in pending] + self._side)
             self._side = []
-            raise
-        return submitted[0]
-
-    def _drain(self, futures: list, finished: Callable[[Any], None]) -> None:
-        """Hand each future to ``finished`` as it completes; cancel the rest on any error or
-        on an interruption (checked at least twice a second)."""
-        pending = list(futures)
-        try:
-            while pending:
-                if interrupted():
-                    raise KeyboardInterrupt
-                done = [f for f in pending if f.done()]
-                if not done:
-                    time.sleep(0.05)
-                    continue
-                finished_ids = {id(f) for f in done}
-                pending = [f for f in pending if id(f) not in finished_ids]
-                for future in done:
-                    finished(future)
-        except BaseException:
-            self.client.cancel(futures)
             raise
 
     def map(

@@ -23,6 +23,7 @@ materialising the output arrays as dask chunks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +47,6 @@ class BatchGraph:
 
     Attributes
     ----------
-    outputs : dict of str to dask.array.Array
-        Scope ``image``: ``[M_batch]``; ``template``: ``[M_batch, S]``; ``full``:
-        ``[M_batch, S, D, W]``. Images are the batch's blocks, concatenated in order.
     n_kernel_tasks : int
     kernel_name : str
         Key prefix of the kernel tasks (progress counts them).
@@ -60,9 +58,9 @@ class BatchGraph:
         The batch's image blocks and the structure's template blocks.
     settings : KernelSettings
     structure : int
+    request : OutputRequest
     """
 
-    outputs: dict[str, da.Array]
     n_kernel_tasks: int
     kernel_name: str
     graph: HighLevelGraph
@@ -71,6 +69,22 @@ class BatchGraph:
     template_ranges: tuple[tuple[int, int], ...]
     settings: tasks.KernelSettings
     structure: int
+    request: OutputRequest
+
+    @functools.cached_property
+    def outputs(self) -> dict[str, da.Array]:
+        """The lazy outputs (dask arrays), built on first use (the driver stores through
+        :func:`store_units` and never needs them). Scope ``image``: ``[M_batch]``;
+        ``template``: ``[M_batch, S]``; ``full``: ``[M_batch, S, D, W]``. Images are the
+        batch's blocks, concatenated in order."""
+        return _lazy_outputs(
+            self.graph,
+            self.names,
+            self.settings,
+            self.request,
+            self.image_ranges,
+            self.template_ranges,
+        )
 
     @property
     def n_tasks(self) -> int:
@@ -202,9 +216,8 @@ def build_batch_graph(
         )
         deps[opt] = {load, red}
     graph = HighLevelGraph(layers, deps)
-    outputs = _lazy_outputs(graph, names, settings, request, image_ranges, template_ranges)
     return BatchGraph(
-        outputs, n_i * n_t, kern, graph, names, image_ranges, template_ranges, settings, structure
+        n_i * n_t, kern, graph, names, image_ranges, template_ranges, settings, structure, request
     )
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cryolike_dask.errors import write_error
+from cryolike_dask.io.outputs import BY_NAME
 from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.kernels import (
     BlockOutputs,
@@ -577,8 +579,6 @@ def store_template_outputs(
 ) -> None:
     """Write the per-template quantities (``[image, template]``) and the full tensor
     (``[image, template, displacement, rotation]``) of one kernel block."""
-    from cryolike_dask.io.outputs import BY_NAME
-
     writes = []
     for name, target in targets.items():
         if BY_NAME[name].source == "full":
@@ -615,8 +615,6 @@ def _write_all(writes: list[tuple[Any, tuple, np.ndarray]]) -> None:
 def _write(target: Any, region: tuple, value: np.ndarray) -> None:
     """``target[region] = value``; a full disk or another OS error names the array's path
     (a user-facing :class:`~cryolike_dask.errors.DiskFullError` when the disk is full)."""
-    from cryolike_dask.errors import write_error
-
     try:
         target[region] = value
     except OSError as exc:
