@@ -1232,19 +1232,52 @@ def test_kill_during_results_store_creation_then_resume(ref_copy, tmp_path, capf
     _assert_same_outputs(out, reference)
 
 
+def _slow_first_export(seconds: float) -> None:
+    """Runs on a worker: its first ``.pt`` write is followed by a pause (so that the driver
+    can be killed while that stack's export is under way); ``seconds=0`` undoes it."""
+    import time as _time
+
+    from cryolike_dask.io import exports
+
+    original = getattr(exports, "_unpatched_save_tensor", exports.save_tensor)
+    if seconds <= 0:
+        exports.save_tensor = original
+        return
+    first = [True]
+
+    def save_tensor(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if first[0]:
+            first[0] = False
+            _time.sleep(seconds)
+        return out
+
+    exports._unpatched_save_tensor = original
+    exports.save_tensor = save_tensor
+
+
 def test_kill_during_export_then_resume(ref_copy, tmp_path, capfd) -> None:
-    """The driver is SIGKILLed during a stack's export (its first ``.pt`` written, the others
-    and its completion record not; ``--scheduler sync``, so the export runs in that process):
-    a rerun with --skip-exist on the module's LocalCluster gives an uninterrupted run's
-    outputs."""
+    """The driver (a CLI process on the module's LocalCluster) is SIGKILLed while a stack's
+    export runs on a worker (its first ``.pt`` written, no stack complete): a rerun with
+    --skip-exist gives an uninterrupted run's outputs."""
+    from distributed import Client
+
     out, reference = tmp_path / "out", tmp_path / "reference"
-    args = _likelihood_args(ref_copy, out, *_KILL_ARGS, "--scheduler", "sync")
-    args.remove("--scheduler-address")
-    args.remove(_CLUSTER["address"])
-    proc = _sleeping("cryolike_dask.io.exports.save_tensor", "after", args)
-    _kill_when(proc, lambda: bool(list(out.glob("template0/**/*.pt"))), "export")
-    assert len(list(out.glob("template0/**/*.pt"))) == 1  # one file of the first stack
-    assert not list(out.glob(".cryolike_dask/template0/stack_*.json"))  # no stack complete
+    args = _likelihood_args(ref_copy, out, *_KILL_ARGS)
+    with Client(_CLUSTER["address"], set_as_default=False) as client:
+        client.run(_slow_first_export, 3.0)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cryolike_dask", *args],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            _kill_when(proc, lambda: bool(list(out.glob("template0/**/*.pt"))), "export")
+            assert not list(out.glob(".cryolike_dask/template0/stack_*.json"))  # none complete
+            time.sleep(3.5)  # the export under way ends on its worker; its run is gone
+        finally:
+            client.run(_slow_first_export, 0.0)
     capfd.readouterr()
     assert _likelihood(ref_copy, out, *_KILL_ARGS, "--skip-exist") == 0
     err = capfd.readouterr().err
