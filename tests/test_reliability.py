@@ -1057,29 +1057,13 @@ def test_driver_sigkill_then_resume(bigger, tmp_path) -> None:
             assert torch.equal(a, b)
 
 
-#: ``cryolike-dask ARGS`` with each converted stack taking 0.3 s more, so that the process
-#: can be killed part-way (the stacks run in this process: ``--scheduler sync``).
-_SLOW_CONVERSION = """
-import sys, time
-from cryolike_dask.pipeline import convert_particles as cp
-from cryolike_dask.cli import run
-
-convert_stack = cp.convert_stack
-
-def slow(*args):
-    result = convert_stack(*args)
-    time.sleep(0.3)
-    return result
-
-cp.convert_stack = slow
-sys.argv = ["cryolike-dask", *sys.argv[1:]]
-run()
-"""
-
-
 def test_conversion_killed_then_refused_and_redone(reference_dir, tmp_path, capfd) -> None:
-    """``convert-particles`` SIGKILLed after its first stack: ``likelihood`` refuses the
-    folder and its store; ``--overwrite`` then gives an uninterrupted conversion's outputs."""
+    """``convert-particles`` (a CLI process on the module's LocalCluster, its workers
+    converting each stack 0.3 s slower) SIGKILLed after its first stack: ``likelihood``
+    refuses the folder and its store; ``--overwrite`` then gives an uninterrupted
+    conversion's outputs."""
+    from distributed import Client
+
     from cryolike_dask.io.zarr_stores import ImageStore
 
     raw = reference_dir / "raw"
@@ -1088,30 +1072,31 @@ def test_conversion_killed_then_refused_and_redone(reference_dir, tmp_path, capf
     args = [
         *("convert-particles", "--params", str(params)),
         *("--mrcs", str(raw / "particles.mrcs"), "--star", str(raw / "particles.star")),
-        *("--batch-size", "2", "--scheduler", "sync", "--no-progress"),
+        *("--batch-size", "2", *_on_cluster(), "--no-progress"),
     ]
     out = tmp_path / "particles"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_CONVERSION, *args, "--output", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if list((out / "fft").glob("particles_fourier_stack_*.pt")):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    slow = ("cryolike_dask.pipeline.convert_particles", "convert_stack")
+    with Client(_CLUSTER["address"], set_as_default=False) as client:
+        client.run(_slow_on_worker, *slow, 0.3, False)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cryolike_dask", *args, "--output", str(out)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            ready = lambda: bool(list((out / "fft").glob("particles_fourier_stack_*.pt")))  # noqa: E731
+            _kill_when(proc, ready, "conversion")
+            time.sleep(0.5)  # the stacks under way end on their workers; their run is gone
+        finally:
+            client.run(_slow_on_worker, *slow, 0.0, False)
     assert 1 <= len(list((out / "fft").glob("*.pt"))) < 12  # part-way: 12 stacks in all
     for particles in (out, out / "particles.zarr"):
         code = main(
             [
                 *("likelihood", "--templates", str(reference_dir / "templates")),
                 *("--particles", str(particles), "--params", str(params)),
-                *("--output", str(tmp_path / "likelihood"), "--scheduler", "sync"),
+                *("--output", str(tmp_path / "likelihood"), *_on_cluster()),
             ]
         )
         _one_line(capfd, code, "particles.zarr: incomplete (the run that made it did not finish)")
@@ -1232,28 +1217,30 @@ def test_kill_during_results_store_creation_then_resume(ref_copy, tmp_path, capf
     _assert_same_outputs(out, reference)
 
 
-def _slow_first_export(seconds: float) -> None:
-    """Runs on a worker: its first ``.pt`` write is followed by a pause (so that the driver
-    can be killed while that stack's export is under way); ``seconds=0`` undoes it."""
+def _slow_on_worker(module: str, name: str, seconds: float, first_only: bool) -> None:
+    """Runs on a worker (``client.run``): ``module.name`` pauses ``seconds`` after it returns
+    (after its first call only, or every call), so that the driver can be killed while the
+    worker is at it; ``seconds=0`` undoes it."""
+    import importlib
     import time as _time
 
-    from cryolike_dask.io import exports
-
-    original = getattr(exports, "_unpatched_save_tensor", exports.save_tensor)
+    target = importlib.import_module(module)
+    saved = f"_unpatched_{name}"
+    original = getattr(target, saved, getattr(target, name))
     if seconds <= 0:
-        exports.save_tensor = original
+        setattr(target, name, original)
         return
     first = [True]
 
-    def save_tensor(*args, **kwargs):
+    def slow(*args, **kwargs):
         out = original(*args, **kwargs)
-        if first[0]:
+        if first[0] or not first_only:
             first[0] = False
             _time.sleep(seconds)
         return out
 
-    exports._unpatched_save_tensor = original
-    exports.save_tensor = save_tensor
+    setattr(target, saved, original)
+    setattr(target, name, slow)
 
 
 def test_kill_during_export_then_resume(ref_copy, tmp_path, capfd) -> None:
@@ -1265,7 +1252,7 @@ def test_kill_during_export_then_resume(ref_copy, tmp_path, capfd) -> None:
     out, reference = tmp_path / "out", tmp_path / "reference"
     args = _likelihood_args(ref_copy, out, *_KILL_ARGS)
     with Client(_CLUSTER["address"], set_as_default=False) as client:
-        client.run(_slow_first_export, 3.0)
+        client.run(_slow_on_worker, "cryolike_dask.io.exports", "save_tensor", 3.0, True)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cryolike_dask", *args],
@@ -1277,7 +1264,7 @@ def test_kill_during_export_then_resume(ref_copy, tmp_path, capfd) -> None:
             assert not list(out.glob(".cryolike_dask/template0/stack_*.json"))  # none complete
             time.sleep(3.5)  # the export under way ends on its worker; its run is gone
         finally:
-            client.run(_slow_first_export, 0.0)
+            client.run(_slow_on_worker, "cryolike_dask.io.exports", "save_tensor", 0.0, True)
     capfd.readouterr()
     assert _likelihood(ref_copy, out, *_KILL_ARGS, "--skip-exist") == 0
     err = capfd.readouterr().err
