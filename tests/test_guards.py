@@ -15,6 +15,18 @@ from cryolike_dask.cli import main
 from tests.conftest import reference_likelihood_args
 
 
+@pytest.fixture(scope="module")
+def on_cluster():
+    """The user's default path for the refusals that reach the driver: a real LocalCluster
+    with worker processes (``--scheduler-address``)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as c:
+        yield ["--scheduler-address", c.scheduler_address]
+
+
 def _one_line(capsys, code: int, *fragments: str) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
@@ -73,7 +85,9 @@ def test_a_task_that_cannot_fit_a_worker_is_refused(reference_dir, tmp_path) -> 
     assert not out.exists()
 
 
-def test_outputs_larger_than_the_disk_are_refused(reference_dir, tmp_path, capsys, monkeypatch):
+def test_outputs_larger_than_the_disk_are_refused(
+    reference_dir, tmp_path, capsys, monkeypatch, on_cluster
+):
     from cryolike_dask.pipeline import driver
 
     usage = namedtuple("usage", "total used free")
@@ -81,7 +95,7 @@ def test_outputs_larger_than_the_disk_are_refused(reference_dir, tmp_path, capsy
     out = tmp_path / "out"
     code = main(
         reference_likelihood_args(
-            reference_dir, out, "--full-cross-correlation", "--scheduler", "sync", "--no-progress"
+            reference_dir, out, "--full-cross-correlation", *on_cluster, "--no-progress"
         )
     )
     _one_line(capsys, code, "the outputs need ~", "GiB free")
@@ -141,7 +155,7 @@ def test_overwrite_replaces_a_conversion(reference_dir, tmp_path) -> None:
     ]  # none of the old four stacks is left to be counted
 
 
-def test_an_unfinished_conversion_is_refused(reference_dir, tmp_path, capsys) -> None:
+def test_an_unfinished_conversion_is_refused(reference_dir, tmp_path, capsys, on_cluster) -> None:
     raw = reference_dir / "raw"
     out = tmp_path / "particles"
     params = reference_dir / "templates" / "parameters.npz"
@@ -163,7 +177,7 @@ def test_an_unfinished_conversion_is_refused(reference_dir, tmp_path, capsys) ->
             [
                 *("likelihood", "--templates", str(reference_dir / "templates")),
                 *("--particles", str(particles), "--params", str(params)),
-                *("--output", str(tmp_path / "likelihood"), "--scheduler", "sync"),
+                *("--output", str(tmp_path / "likelihood"), *on_cluster),
             ]
         )
         _one_line(capsys, code, "particles.zarr: incomplete", "--overwrite")
