@@ -476,6 +476,7 @@ def correlate_block(
     *,
     likelihood: LikelihoodConstants | None = None,
     log_prior: Any = None,
+    pose_prior: Any = None,
     workers: int | None = None,
     work_bytes: int = DEFAULT_WORK_BYTES,
 ) -> BlockResult:
@@ -493,6 +494,15 @@ def correlate_block(
     log_prior : real array ``[S]``, optional
         Log prior weight of each template of the block (``ln(w_s / Σ w)`` over the whole
         structure); with the integrated likelihood, gives ``log_likelihood_sum``.
+    pose_prior : optional
+        A search limited around each image's prior pose: an object with float64 log weights
+        ``log_template [M, S]``, ``log_rotation [M, S, W]`` and ``log_displacement [D]``
+        (``-inf`` = excluded; see :class:`cryolike_dask.kernels.pose_prior.PriorFactors`).
+        The best cross-correlation is taken over the allowed poses only (``-inf`` where an
+        image has none in this block), and each pose's likelihood is weighted by
+        ``exp(log_template + log_rotation + log_displacement)`` before the log-sums
+        (normalising the prior is the caller's). Templates no image of the block may take
+        are not computed.
     workers : int, optional
         Threads for SciPy's FFT.
     work_bytes : int
@@ -513,6 +523,13 @@ def correlate_block(
         raise ValueError("images and templates were prepared for different polar grids")
     if outputs.integrated_likelihood and likelihood is None:
         raise ValueError("the integrated likelihood needs LikelihoodConstants")
+    prior = None
+    if pose_prior is not None:
+        prior = _BlockPrior.of(pose_prior, xp, rdt, (n_m, n_s, n_w), n_d)
+        if prior.keep is not None:  # templates no image may take: not computed
+            return _correlate_subset(
+                templates, images, outputs, prior, likelihood, log_prior, workers, work_bytes
+            )
 
     best_ms = xp.empty((n_m, n_s), dtype=rdt)
     pose_ms = xp.empty((n_m, n_s), dtype=xp.int64)
@@ -583,6 +600,7 @@ def correlate_block(
                     inv_norm,
                     argmax=("raw" if skip_norm else "normalised") if reduced_only else None,
                     workers=workers,
+                    prior=None if prior is None else prior.part(m0, m1, s0, s1),
                 )
                 if ll is not None:
                     ll_ms[m0:m1, s0:s1] = ll
@@ -594,6 +612,7 @@ def correlate_block(
                 with _errstate(xp):
                     cc *= inv_norm[:, :, None, :]
             else:
+                part = None if prior is None else prior.part(m0, m1, s0, s1)
                 if factors is not None:
                     ll_ms[m0:m1, s0:s1] = _integrated_log_likelihood(
                         x,
@@ -603,7 +622,10 @@ def correlate_block(
                         images.mask_overlap[m0:m1],
                         likelihood,
                         xp,
+                        prior=part,
                     )
+                if part is not None:  # excluded poses never win
+                    x = xp.where(part.excluded[:, :, None, :], rdt.type(-np.inf), x)
                 if skip_norm:
                     flat = x.reshape(mb, sb, n_d * n_w)
                     arg = xp.argmax(flat, axis=-1)
@@ -616,6 +638,9 @@ def correlate_block(
                 cc = x  # normalise in place
                 with _errstate(xp):
                     cc *= inv_norm[:, :, None, :]
+            if prior is not None:  # excluded poses never win (host: not yet masked)
+                excluded = prior.part(m0, m1, s0, s1).excluded
+                cc = xp.where(excluded[:, :, None, :], rdt.type(-np.inf), cc)
             flat = cc.reshape(mb, sb, n_d * n_w)
             arg = xp.argmax(flat, axis=-1)
             best_ms[m0:m1, s0:s1] = xp.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
@@ -631,12 +656,28 @@ def correlate_block(
                 msd_arg[m0:m1, s0:s1] = a
                 msd[m0:m1, s0:s1] = xp.take_along_axis(cc, a[..., None], axis=3)[..., 0]
 
-    if not bool(xp.all(xp.isfinite(best_ms))):
-        m_bad, s_bad = (int(v[0]) for v in xp.nonzero(~xp.isfinite(best_ms)))
+    if prior is not None and ll_ms is not None:
+        with _errstate(xp):
+            ll_ms += prior.log_template
+    # an image with no allowed pose in this block has -inf (a pose prior): not an error
+    bad = ~xp.isfinite(best_ms) if prior is None else xp.isnan(best_ms) | (best_ms == np.inf)
+    if bool(xp.any(bad)):
+        m_bad, s_bad = (int(v[0]) for v in xp.nonzero(bad))
         raise NonFiniteCrossCorrelationError(
             f"cross-correlation is not finite for image {m_bad} and template {s_bad} of this "
             "block: a template, an image or a CTF has zero norm or non-finite values"
         )
+    return _block_result(
+        best_ms, pose_ms, ll_ms, log_prior, n_d, n_w, full, msw, msw_arg, msd, msd_arg
+    )
+
+
+def _block_result(
+    best_ms: Any, pose_ms: Any, ll_ms: Any, log_prior: Any, n_d: int, n_w: int, *rest: Any
+) -> BlockResult:
+    """The block's optimum over templates, and the log-sum with the templates' log prior."""
+    xp = array_module(best_ms)
+    n_m, n_s = best_ms.shape
     s_best = xp.argmax(best_ms, axis=1)
     rows = xp.arange(n_m)
     best = best_ms[rows, s_best]
@@ -644,13 +685,131 @@ def correlate_block(
 
     ll_sum = None
     if ll_ms is not None and log_prior is not None:
-        prior = xp.asarray(log_prior).astype(rdt)
+        prior = xp.asarray(log_prior).astype(best_ms.dtype)
         if prior.shape != (n_s,):
             raise ValueError(f"log_prior must have shape [{n_s}], got {tuple(prior.shape)}")
         ll_sum = logsumexp(ll_ms + prior[None, :], axis=1)
-    return BlockResult(
-        best, best_pose, best_ms, pose_ms, ll_ms, ll_sum, full, msw, msw_arg, msd, msd_arg
+    return BlockResult(best, best_pose, best_ms, pose_ms, ll_ms, ll_sum, *rest)
+
+
+@dataclass(frozen=True)
+class _BlockPrior:
+    """A pose prior on the device and in the working precision (see ``correlate_block``).
+
+    ``keep``: indices of the templates some image may take, ``None`` when all may.
+    """
+
+    log_template: Any  # [M, S]
+    log_rotation: Any  # [M, S, W]
+    weight_displacement: Any  # [D], exp(log_displacement)
+    excluded: Any  # [M, S, W] bool
+    keep: Any = None
+
+    @classmethod
+    def of(cls, prior: Any, xp: Any, rdt: Any, shape: tuple[int, int, int], n_d: int):
+        if isinstance(prior, _BlockPrior):  # a part already checked and converted
+            return prior
+        lt = xp.asarray(prior.log_template).astype(rdt)
+        lr = xp.asarray(prior.log_rotation).astype(rdt)
+        ld = xp.asarray(prior.log_displacement).astype(np.float64)
+        if lt.shape != shape[:2] or lr.shape != shape or ld.shape != (n_d,):
+            raise ValueError(
+                f"pose prior of shapes {tuple(lt.shape)}, {tuple(lr.shape)}, {tuple(ld.shape)}"
+                f" for {shape[0]} images, {shape[1]} templates, {n_d} displacements and "
+                f"{shape[2]} rotations"
+            )
+        allowed = xp.isfinite(lt)
+        excluded = ~(xp.isfinite(lr) & allowed[:, :, None])
+        kept = xp.any(allowed, axis=0)
+        keep = None if bool(xp.all(kept)) else xp.nonzero(kept)[0]
+        return cls(lt, lr, xp.exp(ld).astype(rdt), excluded, keep)
+
+    def part(self, m0: int, m1: int, s0: int, s1: int) -> _BlockPrior:
+        return _BlockPrior(
+            self.log_template[m0:m1, s0:s1],
+            self.log_rotation[m0:m1, s0:s1],
+            self.weight_displacement,
+            self.excluded[m0:m1, s0:s1],
+        )
+
+    def take(self, index: Any) -> _BlockPrior:
+        return _BlockPrior(
+            self.log_template[:, index],
+            self.log_rotation[:, index],
+            self.weight_displacement,
+            self.excluded[:, index],
+        )
+
+
+def _take_templates(templates: PreparedTemplates, index: Any) -> PreparedTemplates:
+    """The prepared templates ``index`` (a copy)."""
+    n_q, n_n = templates.spectrum.shape[:2]
+    n_d = templates.n_displacements
+    spectrum = templates.spectrum.reshape(n_q, n_n, templates.n_templates, n_d)[:, :, index]
+    return PreparedTemplates(
+        spectrum.reshape(n_q, n_n, -1),
+        templates.power_spectrum[:, :, index],
+        templates.mask_weighted[index],
+        int(index.shape[0]),
+        n_d,
+        templates.n_shells,
+        templates.n_inplanes,
     )
+
+
+def _correlate_subset(
+    templates: PreparedTemplates,
+    images: PreparedImages,
+    outputs: BlockOutputs,
+    prior: _BlockPrior,
+    likelihood: LikelihoodConstants | None,
+    log_prior: Any,
+    workers: int | None,
+    work_bytes: int,
+) -> BlockResult:
+    """``correlate_block`` on the templates some image may take; the others get ``-inf``
+    cross-correlations and likelihoods."""
+    xp = array_module(templates.spectrum)
+    n_m, n_s = images.n_images, templates.n_templates
+    n_d, n_w = templates.n_displacements, templates.n_inplanes
+    rdt = np.empty(0, dtype=templates.spectrum.dtype).real.dtype
+    keep = prior.keep
+    neg = rdt.type(-np.inf)
+    best_ms = xp.full((n_m, n_s), neg, dtype=rdt)
+    pose_ms = xp.zeros((n_m, n_s), dtype=xp.int64)
+    ll_ms = xp.full((n_m, n_s), neg, dtype=rdt) if outputs.integrated_likelihood else None
+    rest: list[Any] = [
+        xp.full((n_m, n_s, n_d, n_w), neg, dtype=rdt) if outputs.full else None,
+        xp.full((n_m, n_s, n_w), neg, dtype=rdt) if outputs.per_rotation else None,
+        xp.zeros((n_m, n_s, n_w), dtype=xp.int64) if outputs.per_rotation else None,
+        xp.full((n_m, n_s, n_d), neg, dtype=rdt) if outputs.per_displacement else None,
+        xp.zeros((n_m, n_s, n_d), dtype=xp.int64) if outputs.per_displacement else None,
+    ]
+    if int(keep.shape[0]):
+        sub = correlate_block(
+            _take_templates(templates, keep),
+            images,
+            outputs,
+            likelihood=likelihood,
+            pose_prior=prior.take(keep),
+            workers=workers,
+            work_bytes=work_bytes,
+        )
+        best_ms[:, keep] = sub.cross_correlation_ms
+        pose_ms[:, keep] = sub.pose_ms
+        if ll_ms is not None:
+            ll_ms[:, keep] = sub.log_likelihood_ms
+        names = (
+            "cross_correlation_msdw",
+            "cross_correlation_msw",
+            "displacement_index_msw",
+            "cross_correlation_msd",
+            "rotation_index_msd",
+        )
+        for k, name in enumerate(names):
+            if rest[k] is not None:
+                rest[k][:, keep] = getattr(sub, name)
+    return _block_result(best_ms, pose_ms, ll_ms, log_prior, n_d, n_w, *rest)
 
 
 def _mask_overlap(
@@ -697,19 +856,34 @@ def _likelihood_factors(
 
 
 def _log_likelihood_from_sums(
-    d0: Any, sums: Any, a: Any, constants: LikelihoodConstants, xp: Any
+    d0: Any,
+    sums: Any,
+    a: Any,
+    constants: LikelihoodConstants,
+    xp: Any,
+    log_rotation: Any = None,
 ) -> Any:
-    """``logsumexp_w(−p ln D₀ + ln Σ_d (D₀/D)^p − ½ ln A) + const``, ``[mb, S]``."""
+    """``logsumexp_w(−p ln D₀ + ln Σ_d (D₀/D)^p − ½ ln A [+ log prior_w]) + const``,
+    ``[mb, S]``; a rotation of log prior ``-inf`` takes no part."""
     p = constants.exponent
     rdt = d0.dtype
     with _errstate(xp):
         per_w = rdt.type(-p) * xp.log(d0) + xp.log(sums) - rdt.type(0.5) * xp.log(a)
         per_w = xp.where(d0 == 0, rdt.type(np.inf), per_w)  # a pose with D = 0: L = +inf
+        if log_rotation is not None:
+            per_w = xp.where(xp.isfinite(log_rotation), per_w + log_rotation, rdt.type(-np.inf))
     return logsumexp(per_w, axis=-1) + rdt.type(constants.constant)
 
 
 def _integrated_log_likelihood(
-    x: Any, ixx: Any, iyy: Any, isx: Any, isy: Any, constants: LikelihoodConstants, xp: Any
+    x: Any,
+    ixx: Any,
+    iyy: Any,
+    isx: Any,
+    isy: Any,
+    constants: LikelihoodConstants,
+    xp: Any,
+    prior: _BlockPrior | None = None,
 ) -> Any:
     """``logsumexp_{d,w}`` of the per-pose BioEM log-likelihood (spec §11); ``[mb, S]``.
 
@@ -734,8 +908,11 @@ def _integrated_log_likelihood(
         d0 = xp.min(t, axis=2)  # [mb, S, W]
         xp.divide(d0[:, :, None, :], t, out=t)
         xp.power(t, rdt.type(constants.exponent), out=t)
+        if prior is not None:  # the displacements' prior weights
+            t *= prior.weight_displacement[None, None, :, None]
         sums = xp.sum(t, axis=2)  # [mb, S, W]
-    return _log_likelihood_from_sums(d0, sums, a, constants, xp)
+    log_w = None if prior is None else prior.log_rotation
+    return _log_likelihood_from_sums(d0, sums, a, constants, xp, log_w)
 
 
 #: Elements of ``x`` per chunk of :func:`_host_reduce` (a few such buffers stay in L2).
@@ -764,6 +941,7 @@ def _host_reduce(
     *,
     argmax: str | None,
     workers: int | None,
+    prior: _BlockPrior | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Post-GEMM reductions of a NumPy batch in one sweep over cache-sized chunks.
 
@@ -774,7 +952,10 @@ def _host_reduce(
     through memory, and ``Σ_d (D₀/D)^p`` ``[mb, S, W]``. ``argmax``: ``"raw"`` (isotropic
     CTF: arg-max of ``x``, only the best value normalised), ``"normalised"`` (``x *=
     inv_norm`` in place, then the arg-max) or ``None``; gives the best value and its flat
-    ``d·W + w`` ``[mb, S]``. Chunks run on ``workers`` threads. Returns
+    ``d·W + w`` ``[mb, S]``. ``prior`` (the block's part of a pose prior): each
+    displacement's term weighted, each rotation's log prior added before the log-sum over
+    rotations, excluded rotations never the arg-max (``x`` is set to ``-inf`` there; the
+    template factor is the caller's). Chunks run on ``workers`` threads. Returns
     ``(best, arg, log_likelihood, sums)``, ``None`` for what was not asked.
     """
     mb, sb, n_d, n_w = x.shape
@@ -798,6 +979,11 @@ def _host_reduce(
         sums = np.empty((n_p, n_w), rdt)
         ll = np.empty(n_p, rdt)
     per = max(1, HOST_CHUNK_ELEMENTS // max(n_d * n_w, 1))
+    w_d = lr_p = ex_p = None
+    if prior is not None:
+        w_d = prior.weight_displacement[None, :, None]
+        lr_p = np.ascontiguousarray(prior.log_rotation).reshape(n_p, n_w)
+        ex_p = np.ascontiguousarray(prior.excluded).reshape(n_p, n_w)
 
     def work(lo: int, hi: int) -> None:
         # error state is per thread: set it here (inf/NaN are handled by the caller)
@@ -817,9 +1003,13 @@ def _host_reduce(
                     np.divide(d0[c0:c1, None, :], tc, out=tc)
                     np.maximum(tc, floor, out=tc)
                     np.power(tc, p, out=tc)
+                    if w_d is not None:
+                        np.multiply(tc, w_d, out=tc)
                     np.sum(tc, axis=1, out=sums[c0:c1])
                 if argmax is None:
                     continue
+                if ex_p is not None:
+                    np.copyto(xc, rdt.type(-np.inf), where=ex_p[c0:c1, None, :])
                 if argmax == "normalised":
                     xc *= inv_p[c0:c1, None, :]
                 flat = xc.reshape(n, n_d * n_w)
@@ -832,7 +1022,12 @@ def _host_reduce(
                 arg[c0:c1] = am
             if factors is not None:  # rows are independent: same values as one call
                 ll[lo:hi] = _log_likelihood_from_sums(
-                    d0[lo:hi], sums[lo:hi], a_p[lo:hi], constants, np
+                    d0[lo:hi],
+                    sums[lo:hi],
+                    a_p[lo:hi],
+                    constants,
+                    np,
+                    None if lr_p is None else lr_p[lo:hi],
                 )
 
     run_ranges(work, n_p, workers)
