@@ -146,6 +146,7 @@ def likelihood(
     precision: str | None = None,
     device: str = "auto",
     client: Any = None,
+    **search: Any,
 ):
     """Cross-correlations, optimal poses and likelihoods of images against structures, lazily.
 
@@ -168,6 +169,13 @@ def likelihood(
     client : distributed.Client, optional
         Used to plan blocks for its workers and choose the device (default: the active
         client, else this machine).
+    **search
+        A search around each image's prior pose (images converted with their poses):
+        ``pose_prior`` (``"window"``, ``"gaussian"`` or ``"fixed"``), ``window_degrees``,
+        ``window_shift_pixels``, ``sigma_degrees``, ``sigma_shift_angstrom``,
+        ``use_prior_origin``, ``pose_frame`` (``"map"``/``"model"``), as the CLI's
+        ``likelihood`` flags (docs/pipeline.md, "Searches around prior poses"). The
+        dataset then also holds ``optimal_pose_on_window_edge`` and ``evaluated_poses``.
 
     Returns
     -------
@@ -199,6 +207,7 @@ def likelihood(
             full_cross_correlation=full_cross_correlation,
             precision=precision,
             device=device,
+            **search,
         ),
     )
     run = opts.build(tsrc, isrc, given, None)

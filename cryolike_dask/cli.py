@@ -178,6 +178,45 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NY",
         help="displacements along y, e.g. 5 (default -1: no search along y)",
     )
+    lp = p.add_argument_group(
+        "search around prior poses (particles converted with their RELION/cryoSPARC poses)"
+    )
+    lp.add_argument(
+        "--pose-prior",
+        choices=["window", "gaussian", "fixed"],
+        help="window: poses within --window-degrees of each image's prior direction and "
+        "in-plane angle; gaussian: RELION-style Gaussians (--sigma-degrees) cut at 3 sigma; "
+        "fixed: the grid pose nearest the prior only (default: the global search)",
+    )
+    lp.add_argument("--window-degrees", type=float, metavar="A", help="window half-width, degrees")
+    lp.add_argument(
+        "--window-shift-pixels",
+        type=float,
+        metavar="R",
+        help="search residual displacements within R pixels only (default: the whole grid)",
+    )
+    lp.add_argument(
+        "--sigma-degrees", type=float, metavar="A", help="Gaussian prior's sigma, degrees"
+    )
+    lp.add_argument(
+        "--sigma-shift-angstrom",
+        type=float,
+        metavar="B",
+        help="Gaussian prior on the residual displacement, sigma in Å (default: uniform)",
+    )
+    lp.add_argument(
+        "--use-prior-origin",
+        action="store_true",
+        help="centre each image on its prior origin (a phase ramp) before the search; "
+        "reported displacements are then prior + residual",
+    )
+    lp.add_argument(
+        "--pose-frame",
+        choices=["map", "model"],
+        default="map",
+        help="the structures' frame: templates made from MRC maps (default) or from atomic "
+        "models, in the frame of the model that the poses refer to",
+    )
     o = p.add_argument_group("outputs (the optimal pose is always written)")
     o.add_argument(
         "--integrated-likelihood",
@@ -284,6 +323,13 @@ def likelihood_options(args: argparse.Namespace):
         overwrite=args.overwrite,
         export_pt=not args.no_pt,
         yes=args.yes,
+        pose_prior=args.pose_prior,
+        window_degrees=args.window_degrees,
+        window_shift_pixels=args.window_shift_pixels,
+        sigma_degrees=args.sigma_degrees,
+        sigma_shift_angstrom=args.sigma_shift_angstrom,
+        use_prior_origin=args.use_prior_origin,
+        pose_frame=args.pose_frame,
     )
 
 
@@ -595,6 +641,22 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
         help="how the CTF reads the defocus angle (default relion, exact for "
         "RELION/cryoSPARC metadata; cryolike reproduces CryoLike)",
     )
+    p.add_argument(
+        "--pose-source",
+        choices=["auto", "refined", "prior", "none"],
+        default="auto",
+        help="which prior poses to read and store in particles.zarr (prior_pose/): refined "
+        "(rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst or rlnOriginX/Y; cryoSPARC alignments3D/pose "
+        "and shift), prior (rlnAngle*Prior, rlnOrigin*Prior; 999 = unset), auto (refined if "
+        "present, else prior, else none; the default) or none",
+    )
+    p.add_argument(
+        "--sort-by-pose",
+        action="store_true",
+        help="order the particles of each input segment (each paired file, or the whole "
+        "indexed set) by prior viewing direction: 10° bands of tilt, then rot, particles "
+        "without angles last; each image keeps its id and source row",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_cluster_options(p)
     p.set_defaults(func=_cmd_convert)
@@ -613,6 +675,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         cryosparc_job=args.cryosparc_job,
         pixel_size=args.pixel_size,
         batch_size=args.batch_size,
+        pose_source=args.pose_source,
+        sort_by_pose=args.sort_by_pose,
     )
     store = cp.convert_particles(
         particles,

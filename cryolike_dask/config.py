@@ -91,6 +91,8 @@ class ParticlesConfig(_Model):
     batch_size: int = Field(1024, gt=0)
     downsample: int = Field(1, ge=1)
     astigmatism_convention: Literal["relion", "cryolike"] = "relion"
+    pose_source: Literal["auto", "refined", "prior", "none"] = "auto"
+    sort_by_pose: bool = False
 
     @model_validator(mode="after")
     def _one_form(self) -> ParticlesConfig:
@@ -195,6 +197,8 @@ OPTION_KEYS = {
     "--pixel-size": "particles.pixel_size",
     "--batch-size": "particles.batch_size",
     "--downsample": "particles.downsample",
+    "--pose-source": "particles.pose_source",
+    "--sort-by-pose": "particles.sort_by_pose",
     "--voxel-size": "templates.voxel_size",
     "--n-stacks": "likelihood.n_stacks",
     "--i-template": "likelihood.structures",
@@ -324,6 +328,8 @@ def check_config(cfg: RunConfig) -> CheckedConfig:
                     cryosparc_job=pa.cryosparc_job,
                     pixel_size=pa.pixel_size,
                     batch_size=pa.batch_size,
+                    pose_source=pa.pose_source,
+                    sort_by_pose=pa.sort_by_pose,
                 )
                 cp.check_against_parameters(particles, params, pa.downsample)
             n_stacks = len(particles.stacks)

@@ -179,7 +179,7 @@ def test_every_output_quantity_has_one_row_and_unique_files() -> None:
     files = [q.file_key for q in OUTPUTS]
     assert len(files) == len(set(files))
     request = cd.OutputRequest(
-        integrated=True, optimal_likelihood=True, per_template=True, full=True
+        integrated=True, optimal_likelihood=True, per_template=True, full=True, pose_prior=True
     )
     assert {q.name for q in request.quantities} == set(names)
 

@@ -203,3 +203,29 @@ def test_zarr_stores_give_the_same_results(cli_run, reference_dir, tmp_path) -> 
             a = torch.load(out / f"template0/{name}_stack_00000{i}.pt").numpy()
             b = torch.load(tmp_path / "z" / f"template0/{name}_stack_00000{i}.pt").numpy()
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 if "log" in name else 1e-6)
+
+
+def test_convert_particles_pose_options(tmp_path) -> None:
+    """--pose-source and --sort-by-pose reach the conversion; the log line counts the poses."""
+    from cryolike_dask.io.zarr_stores import ImageStore
+    from cryolike_dask.params import ImageParameters
+    from tests.pipeline.test_convert_particles import _posed_pair
+
+    mrcs, stars = _posed_pair(tmp_path)
+    ImageParameters.from_values(16, 1.5, n_inplanes=16, resolution_factor=0.5).save(
+        tmp_path / "parameters.npz"
+    )
+    common = ["convert-particles", "--params", str(tmp_path / "parameters.npz")]
+    inputs = ["--mrcs", *map(str, mrcs), "--star", *map(str, stars), "--batch-size", "3"]
+    run = ["--scheduler", "sync", "--no-progress"]
+    out = _cli(*common, "--output", str(tmp_path / "s"), *inputs, "--sort-by-pose", *run)
+    assert out.returncode == 0, out.stderr
+    assert "angles for 8/9 particles (rlnAngleRot, rlnAngleTilt, rlnAnglePsi)" in out.stdout
+    store = ImageStore.open(tmp_path / "s" / "particles.zarr")
+    np.testing.assert_array_equal(store.image_ids().source_row, [4, 3, 1, 0, 2, 3, 1, 0, 2])
+    assert store.prior_poses().source == "star-refined"
+    out = _cli(*common, "--output", str(tmp_path / "n"), *inputs, "--pose-source", "none", *run)
+    assert out.returncode == 0, out.stderr
+    assert ImageStore.open(tmp_path / "n" / "particles.zarr").prior_poses() is None
+    out = _cli(*common, "--output", str(tmp_path / "p"), *inputs, "--pose-source", "prior", *run)
+    assert out.returncode == 2 and "rlnAngleRotPrior" in out.stderr

@@ -30,6 +30,7 @@ FLAG_BITS: dict[str, int] = {
     "optimal_likelihood": 4,
     "per_template": 8,
     "full": 16,
+    "pose_prior": 32,
 }
 
 #: Leading dimensions of each scope (per structure for ``template`` and ``full``).
@@ -137,6 +138,14 @@ OUTPUTS: tuple[Quantity, ...] = (
        "log_likelihood", "log_likelihood_optimal_fourier", ("optimal_likelihood",), "nat",
        "log-likelihood at the optimal pose",
        matrix="optimal_fourier_log_likelihood_matrix"),
+    _q("optimal_pose_on_window_edge", "image", "reduction", "int", -1,
+       "optimal_pose", "optimal_pose_on_window_edge", ("optimal_pose", "pose_prior"), "",
+       "1 where the best pose lies on the edge of the prior's window (search around prior "
+       "poses)"),
+    _q("evaluated_poses", "image", "reduction", "int", -1,
+       "optimal_pose", "evaluated_poses", ("optimal_pose", "pose_prior"), "",
+       "(template, displacement, rotation) poses evaluated for the image (search around "
+       "prior poses)"),
     _q("per_template_cross_correlation", "template", "per_template", "float", _NAN,
        "per_template", "cross_correlation", ("per_template",), "",
        "best cross-correlation over displacements and rotations per template"),

@@ -1,8 +1,9 @@
 """Per-particle metadata from RELION STAR files and cryoSPARC ``.cs`` files (spec §14.3).
 
-Units after reading: defocus Å, angles radians (STAR degrees are converted; ``.cs`` angles are
-already radians), Cs mm, voltage kV. Rows keep the file's order; each particle records its row
-number, and for indexed inputs its image file and 0-based index in that file.
+Units after reading: defocus Å, CTF angles radians (STAR degrees are converted; ``.cs`` angles
+are already radians), Cs mm, voltage kV. Rows keep the file's order; each particle records its
+row number, and for indexed inputs its image file and 0-based index in that file. Prior poses
+(``pose_source``) follow RELION's conventions, degrees and Å (:mod:`cryolike_dask.io.poses`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cryolike_dask.errors import CryoLikeDaskError
+from cryolike_dask.io.poses import POSE_SOURCES, PriorPoses, cryosparc_to_relion, missing_value
 from cryolike_dask.params.lens import LensParameters, check_microscope
 from cryolike_dask.params.npz import ParameterFileError
 
@@ -40,6 +42,8 @@ class ParticleRecords:
         int64 ``[n]``: 0-based index of each particle within its image file.
     pixel_size : float or None
         Pixel size in Å stated by the metadata (one value), if any.
+    poses : PriorPoses or None
+        Prior angles and origins (see :mod:`cryolike_dask.io.poses`), when read.
     """
 
     source: Path
@@ -48,6 +52,7 @@ class ParticleRecords:
     image_files: list[str] | None
     image_indices: np.ndarray | None
     pixel_size: float | None
+    poses: PriorPoses | None = None
 
     @property
     def n_particles(self) -> int:
@@ -61,6 +66,7 @@ class ParticleRecords:
             None if self.image_files is None else [self.image_files[i] for i in index],
             None if self.image_indices is None else self.image_indices[index],
             self.pixel_size,
+            None if self.poses is None else self.poses.subset(index),
         )
 
 
@@ -155,7 +161,114 @@ def _check_pixel(path: Path, field: str, value: float) -> None:
         raise MetadataError(f"{path}: {field} (pixel size) must be positive, not {value:g}")
 
 
-def read_star(path: str | os.PathLike, indexed: bool | None = None) -> ParticleRecords:
+def _check_pose_source(pose_source: str) -> None:
+    if pose_source not in POSE_SOURCES:
+        raise MetadataError(
+            f"pose_source is {pose_source!r}; expected one of {', '.join(POSE_SOURCES)}"
+        )
+
+
+#: STAR columns (without ``rln``) of each pose kind: angles, origins in Å, origins in pixels.
+STAR_POSE_COLUMNS = {
+    "refined": (
+        ("AngleRot", "AngleTilt", "AnglePsi"),
+        ("OriginXAngst", "OriginYAngst"),
+        ("OriginX", "OriginY"),
+    ),
+    "prior": (
+        ("AngleRotPrior", "AngleTiltPrior", "AnglePsiPrior"),
+        ("OriginXPriorAngst", "OriginYPriorAngst"),
+        ("OriginXPrior", "OriginYPrior"),
+    ),
+}
+
+
+def _pose_values(table, name: str, path: Path) -> np.ndarray:
+    try:
+        return table[name].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"{path}: column rln{name} is not numeric ({exc})") from exc
+
+
+def _star_poses(
+    table,
+    path: Path,
+    pose_source: str,
+    file_pixel: tuple[float, str] | None,
+    pixel_size: float | None,
+) -> PriorPoses | None:
+    """The poses of a STAR table (see :func:`read_star`)."""
+    _check_pose_source(pose_source)
+    cols = set(table.columns)
+    if pose_source == "none":
+        return None
+    if pose_source == "auto":
+        if all(c in cols for c in STAR_POSE_COLUMNS["refined"][0]):
+            pose_source = "refined"
+        elif all(c in cols for c in STAR_POSE_COLUMNS["prior"][0][:2]):
+            pose_source = "prior"
+        else:
+            return None
+    angle_cols, angst_cols, pixel_cols = STAR_POSE_COLUMNS[pose_source]
+    needed = angle_cols if pose_source == "refined" else angle_cols[:2]
+    absent = [c for c in needed if c not in cols]
+    if absent:
+        raise MetadataError(
+            f"{path}: {pose_source} poses asked for but column(s) "
+            f"{', '.join('rln' + c for c in absent)} are missing"
+        )
+    n = len(table)
+    columns = {}
+    rot, tilt = (_pose_values(table, c, path) for c in angle_cols[:2])
+    columns["rot"], columns["tilt"] = (f"rln{c}" for c in angle_cols[:2])
+    if angle_cols[2] in cols:
+        psi = _pose_values(table, angle_cols[2], path)
+        columns["psi"] = f"rln{angle_cols[2]}"
+    else:
+        psi = np.full(n, np.nan)
+    has_angles = ~(missing_value(rot) | missing_value(tilt))
+    psi = np.where(missing_value(psi), np.nan, psi)
+    rot, tilt = np.where(has_angles, rot, np.nan), np.where(has_angles, tilt, np.nan)
+    psi = np.where(has_angles, psi, np.nan)
+
+    ox = oy = np.full(n, np.nan)
+    has_origin = np.zeros(n, dtype=bool)
+    for pair, in_pixels in ((angst_cols, False), (pixel_cols, True)):
+        present = [c for c in pair if c in cols]
+        if not present:
+            continue
+        if len(present) == 1:
+            other = next(c for c in pair if c not in cols)
+            raise MetadataError(f"{path}: column rln{present[0]} without rln{other}")
+        x, y = (_pose_values(table, c, path) for c in pair)
+        scale = 1.0
+        if in_pixels:
+            if file_pixel is not None:
+                scale, where = file_pixel
+            elif pixel_size is not None:
+                scale, where = float(pixel_size), "the given pixel size"
+            else:
+                raise MetadataError(
+                    f"{path}: origins rln{pair[0]}/rln{pair[1]} are in pixels but the file "
+                    "states no pixel size; give one (--pixel-size)"
+                )
+            columns["pixel_size"] = where
+        has_origin = ~(missing_value(x) | missing_value(y))
+        ox = np.where(has_origin, x * scale, np.nan)
+        oy = np.where(has_origin, y * scale, np.nan)
+        columns["origin_x"], columns["origin_y"] = (f"rln{c}" for c in pair)
+        break
+    return PriorPoses(
+        rot, tilt, psi, ox, oy, has_angles, has_origin, f"star-{pose_source}", columns
+    )
+
+
+def read_star(
+    path: str | os.PathLike,
+    indexed: bool | None = None,
+    pose_source: str = "auto",
+    pixel_size: float | None = None,
+) -> ParticleRecords:
     """Read a RELION STAR file (3.0 single block, or 3.1 ``optics`` + ``particles``).
 
     Required: ``DefocusU``, ``DefocusV``, ``DefocusAngle`` (degrees), ``Voltage`` (kV),
@@ -163,8 +276,27 @@ def read_star(path: str | os.PathLike, indexed: bool | None = None) -> ParticleR
     (degrees, 0), ``CtfBfactor``, ``CtfScalefactor``. With ``indexed`` (default: when the
     column exists) ``ImageName`` (``NNNNNN@file``, 1-based) locates each image. The pixel size
     comes from ``ImagePixelSize``, else ``DetectorPixelSize`` (µm) × 10⁴ / ``Magnification``.
+
+    Poses (``pose_source``; conventions in :mod:`cryolike_dask.io.poses`):
+
+    * ``"refined"``: ``AngleRot``, ``AngleTilt``, ``AnglePsi`` (all three required) and the
+      origin ``OriginXAngst``/``OriginYAngst`` (Å, RELION 3.1), else ``OriginX``/``OriginY``
+      (pixels × the file's pixel size, else ``pixel_size``), else none;
+    * ``"prior"``: ``AngleRotPrior``, ``AngleTiltPrior`` (required), ``AnglePsiPrior``
+      (optional), ``OriginXPriorAngst``/``OriginYPriorAngst``, else ``OriginXPrior``/``YPrior``
+      (pixels);
+    * ``"auto"`` (default): refined when its three angle columns exist, else prior when its
+      rot and tilt columns exist, else none; ``"none"``: no poses.
+
+    A value of ±999 (RELION's unset prior) or NaN marks it unknown. A particle has angles
+    (``has_angles``) when its rot and tilt are known: they fix its projection direction. An
+    unknown or absent psi then stays NaN (:attr:`PriorPoses.has_psi` is False) rather than
+    discarding the direction; an unknown rot or tilt makes all three NaN. An origin needs both
+    X and Y. Asking for ``"refined"`` or ``"prior"`` when the columns are absent raises
+    :class:`MetadataError` naming them.
     """
     p = Path(path)
+    _check_pose_source(pose_source)
     table = _table(p)
     if len(table) == 0:
         raise MetadataError(f"{p}: no particles")
@@ -202,17 +334,24 @@ def read_star(path: str | os.PathLike, indexed: bool | None = None) -> ParticleR
             idx.append(int(number) - 1)
             files.append(file.strip())
         indices = np.asarray(idx, dtype=np.int64)
-    pixel = None
+    pixel = where = None
     if "ImagePixelSize" in table.columns:
         pixel = _one(_column(table, "ImagePixelSize", p, "Å"), "ImagePixelSize", p)
         _check_pixel(p, "column rlnImagePixelSize", pixel)
+        where = "rlnImagePixelSize"
     elif "DetectorPixelSize" in table.columns and "Magnification" in table.columns:
         det = _one(_column(table, "DetectorPixelSize", p, "µm"), "DetectorPixelSize", p)
         mag = _one(_column(table, "Magnification", p, ""), "Magnification", p)
         _check_pixel(p, "column rlnDetectorPixelSize", det)
         _check_pixel(p, "column rlnMagnification", mag)
         pixel = det * 1e4 / mag
-    return ParticleRecords(p, np.arange(len(table), dtype=np.int64), lens, files, indices, pixel)
+        where = "rlnDetectorPixelSize × 10⁴ / rlnMagnification"
+    poses = _star_poses(
+        table, p, pose_source, None if pixel is None else (pixel, where), pixel_size
+    )
+    return ParticleRecords(
+        p, np.arange(len(table), dtype=np.int64), lens, files, indices, pixel, poses
+    )
 
 
 CS_REQUIRED = (
@@ -225,14 +364,33 @@ CS_REQUIRED = (
 )
 
 
-def read_cs(path: str | os.PathLike, indexed: bool = True) -> ParticleRecords:
+def read_cs(
+    path: str | os.PathLike,
+    indexed: bool = True,
+    pose_source: str = "auto",
+    pixel_size: float | None = None,
+) -> ParticleRecords:
     """Read a cryoSPARC ``.cs`` file (a NumPy structured array).
 
     ``ctf/df1_A`` (U, Å), ``ctf/df2_A`` (V), ``ctf/df_angle_rad``, ``ctf/phase_shift_rad``
     (optional), ``ctf/cs_mm``, ``ctf/accel_kv``, ``ctf/amp_contrast``; with ``indexed``,
     ``blob/path`` and ``blob/idx`` (0-based); pixel size from ``blob/psize_A``.
+
+    Poses (``pose_source`` ``"auto"``, the default, or ``"refined"``): ``alignments3D/pose``
+    (rotation vectors, rad) → RELION angles, and ``alignments3D/shift`` (pixels) × the pixel
+    size the alignment used (``alignments3D/psize_A``, else ``blob/psize_A``, else
+    ``pixel_size``) → origins in Å (:func:`cryolike_dask.io.poses.cryosparc_to_relion`).
+    ``"auto"`` reads them when present; ``"refined"`` requires ``alignments3D/pose``;
+    ``"prior"`` is refused (a .cs file has no priors); ``"none"`` reads none. Non-finite
+    values mark a particle's angles or origin unknown.
     """
     p = Path(path)
+    _check_pose_source(pose_source)
+    if pose_source == "prior":
+        raise MetadataError(
+            f"{p}: a cryoSPARC .cs file has no prior poses; use pose_source 'auto', "
+            "'refined' (alignments3D/pose) or 'none'"
+        )
     if not p.is_file():
         raise MetadataError(f"{p}: file not found")
     try:
@@ -277,7 +435,69 @@ def read_cs(path: str | os.PathLike, indexed: bool = True) -> ParticleRecords:
     if "blob/psize_A" in names:
         pixel = float(num("blob/psize_A")[0])
         _check_pixel(p, "field blob/psize_A", pixel)
-    return ParticleRecords(p, np.arange(data.size, dtype=np.int64), lens, files, indices, pixel)
+    poses = _cs_poses(data, p, pose_source, pixel_size)
+    return ParticleRecords(
+        p, np.arange(data.size, dtype=np.int64), lens, files, indices, pixel, poses
+    )
+
+
+def _cs_poses(
+    data: np.ndarray, path: Path, pose_source: str, pixel_size: float | None
+) -> PriorPoses | None:
+    names = data.dtype.names or ()
+    if pose_source == "none" or "alignments3D/pose" not in names:
+        if pose_source == "refined":
+            raise MetadataError(
+                f"{path}: refined poses asked for but field alignments3D/pose is missing"
+            )
+        return None
+    n = data.size
+    try:
+        pose = np.asarray(data["alignments3D/pose"], dtype=np.float64).reshape(n, 3)
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(
+            f"{path}: field alignments3D/pose is not [n, 3] numbers ({exc})"
+        ) from exc
+    columns = {"rot": "alignments3D/pose", "tilt": "alignments3D/pose", "psi": "alignments3D/pose"}
+    shift = np.full((n, 2), np.nan)
+    scale = np.nan
+    if "alignments3D/shift" in names:
+        try:
+            shift = np.asarray(data["alignments3D/shift"], dtype=np.float64).reshape(n, 2)
+        except (TypeError, ValueError) as exc:
+            raise MetadataError(
+                f"{path}: field alignments3D/shift is not [n, 2] numbers ({exc})"
+            ) from exc
+        for field in ("alignments3D/psize_A", "blob/psize_A"):
+            if field in names:
+                values = np.asarray(data[field], dtype=np.float64).ravel()
+                scale = _one(values, field, path)
+                _check_pixel(path, f"field {field}", scale)
+                columns["pixel_size"] = field
+                break
+        else:
+            if pixel_size is None:
+                raise MetadataError(
+                    f"{path}: alignments3D/shift is in pixels but the file states no pixel size "
+                    "(alignments3D/psize_A or blob/psize_A); give one (--pixel-size)"
+                )
+            scale = float(pixel_size)
+            columns["pixel_size"] = "the given pixel size"
+        columns["origin_x"] = columns["origin_y"] = "alignments3D/shift"
+    rot, tilt, psi, ox, oy = cryosparc_to_relion(pose, shift, scale)
+    has_angles = np.isfinite(rot) & np.isfinite(tilt) & np.isfinite(psi)
+    has_origin = np.isfinite(ox) & np.isfinite(oy)
+    return PriorPoses(
+        rot,
+        tilt,
+        psi,
+        np.where(has_origin, ox, np.nan),
+        np.where(has_origin, oy, np.nan),
+        has_angles,
+        has_origin,
+        "cryosparc",
+        columns,
+    )
 
 
 def write_star(path: str | os.PathLike, lens: LensParameters) -> Path:

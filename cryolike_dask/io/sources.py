@@ -17,6 +17,7 @@ import numpy as np
 from cryolike_dask.errors import StructureIndexError
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io import cryolike as cl
+from cryolike_dask.io.poses import PriorPoses
 from cryolike_dask.io.zarr_stores import (
     LENS_FIELDS,
     ImageIds,
@@ -83,6 +84,11 @@ class ImageSource:
             row[info.start : info.stop] = np.arange(info.n_images)
             names += [f"{info.name}:{r}" for r in range(info.n_images)]
         return ImageIds(np.array(names, dtype=str), stack, row, np.full(n, -1, np.int64))
+
+    def prior_poses(self, start: int = 0, stop: int | None = None) -> PriorPoses | None:
+        """Prior poses of images ``[start, stop)`` recorded at conversion; None when the source
+        holds none."""
+        return None
 
     def locate(self, index: int) -> str:
         """Human-readable location of image ``index``: its stack file and position in it."""
@@ -246,6 +252,11 @@ class ZarrImages(ImageSource):
     @property
     def convention(self) -> str:
         return _open_image_store(self.path).astigmatism_convention
+
+    def prior_poses(self, start: int = 0, stop: int | None = None) -> PriorPoses | None:
+        return _open_image_store(self.path).prior_poses(
+            start, self.n_images if stop is None else stop
+        )
 
     def image_ids(self) -> ImageIds:
         ids = _open_image_store(self.path).image_ids()

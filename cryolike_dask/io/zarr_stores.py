@@ -11,6 +11,9 @@ Image store (``kind = "images"``)::
     defocus_u, defocus_v                [M] Å
     defocus_angle, phase_shift          [M] rad
     voltage [M] kV, spherical_aberration [M] mm, amplitude_contrast [M]
+    image_name [M], source_row [M]      (convert-particles: NNNNNN@FILE, metadata row)
+    prior_pose/rot, tilt, psi [M] deg, origin_x, origin_y [M] Å, has_angles, has_origin [M]
+                                        (optional; attrs source, columns, convention)
     attrs: image_parameters, stacks (name, start, stop, source), astigmatism_convention
 
 Template store (``kind = "templates"``), one subgroup ``structure_K`` per structure::
@@ -36,6 +39,9 @@ import zarr
 from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io.outputs import Quantity
+from cryolike_dask.io.poses import CONVENTION as POSE_CONVENTION
+from cryolike_dask.io.poses import FIELDS as POSE_FIELDS
+from cryolike_dask.io.poses import PriorPoses
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.params.lens import LensParameters
 
@@ -261,6 +267,54 @@ class ImageStore:
             else np.full(n, -1, np.int64)
         )
         return ImageIds(np.array(np.asarray(names).tolist(), dtype=str), stack, row, source)
+
+    def write_prior_poses(self, poses: PriorPoses) -> None:
+        """Every image's prior pose, in image order: ``prior_pose/rot`` … ``has_origin``
+        (float64 / bool ``[M]``, chunked like the images), with the group's attrs naming the
+        ``source``, the ``columns`` read and the ``convention``. Replaces any stored before."""
+        if poses.n != self.n_images:
+            raise StoreError(f"{self.path}: {poses.n} prior poses for {self.n_images} images")
+        if "prior_pose" in self.group:
+            del self.group["prior_pose"]
+        sub = self.group.create_group("prior_pose")
+        for name in POSE_FIELDS:
+            values = getattr(poses, name)
+            arr = sub.create_array(
+                name,
+                shape=values.shape,
+                chunks=(max(1, self.chunk_images),),
+                dtype=values.dtype,
+                dimension_names=("image",),
+                fill_value=np.nan if values.dtype.kind == "f" else False,
+            )
+            arr[:] = values
+        sub.attrs.update(
+            {
+                "source": poses.source,
+                "columns": dict(poses.columns),
+                "convention": POSE_CONVENTION,
+                "units": {
+                    "rot": "deg",
+                    "tilt": "deg",
+                    "psi": "deg",
+                    "origin_x": "A",
+                    "origin_y": "A",
+                },
+            }
+        )
+
+    def prior_poses(self, start: int = 0, stop: int | None = None) -> PriorPoses | None:
+        """Prior poses of images ``[start, stop)``, or None when the store holds none."""
+        if "prior_pose" not in self.group:
+            return None
+        sub = self.group["prior_pose"]
+        attrs = dict(sub.attrs)
+        stop = self.n_images if stop is None else stop
+        return PriorPoses(
+            *(np.asarray(sub[name][start:stop]) for name in POSE_FIELDS),
+            attrs["source"],
+            dict(attrs.get("columns", {})),
+        )
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Images ``[start, stop)`` and their per-image lens arrays (see :data:`LENS_FIELDS`)."""

@@ -1,7 +1,7 @@
 """``convert-particles``: particle stacks + STAR/cryoSPARC metadata → polar Fourier stacks.
 
 Input forms (spec §14.3), all keeping the metadata's row order (CryoLike sorts by file name)
-and recording each image's source row and file:
+unless sorted by pose, and recording each image's source row and file:
 
 * paired: ``--mrcs A.mrcs B.mrcs --star A.star B.star`` (each STAR row ↔ the image at the
   same position of its stack; output stacks never mix files, as CryoLike);
@@ -9,6 +9,11 @@ and recording each image's source row and file:
 * cryoSPARC: ``--cs particles.cs --mrc-folder DIR`` (``blob/path``, ``blob/idx``);
 * a cryoSPARC job folder: ``--cryosparc-job DIR`` (``J*_passthrough_particles.cs`` and its
   ``restack/`` or ``downsample/`` batch files).
+
+Prior poses (angles and origins, :mod:`cryolike_dask.io.poses`) are read with the CTF
+parameters (``pose_source``) and stored in ``particles.zarr`` (``prior_pose/``); with
+``sort_by_pose`` the particles of each output segment (each paired file, or the whole indexed
+set) are ordered by prior viewing direction (:func:`sort_by_pose`).
 
 Everything is checked before any work starts; each output stack is one task that reads its
 images (memory-mapped, only the needed ones), centres and max-normalises them, NUFFTs them to
@@ -32,6 +37,7 @@ from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError, write_err
 from cryolike_dask.io.cryolike import stack_paths, write_stack_npz
 from cryolike_dask.io.mrc import MrcFileError, mrc_info, read_images
 from cryolike_dask.io.particle_metadata import MetadataError, ParticleRecords, read_cs, read_star
+from cryolike_dask.io.poses import PriorPoses, sort_key
 from cryolike_dask.io.torch_files import save_tensor
 from cryolike_dask.io.zarr_stores import ImageStore, StackInfo
 from cryolike_dask.params.image import ImageParameters
@@ -72,6 +78,10 @@ class ParticleSet:
         Output stacks.
     shape : (int, int)
         Image size in pixels (array axes 0 and 1).
+    poses : PriorPoses or None
+        Per particle: its prior pose, when the metadata has poses.
+    segments : list of (start, stop) or None
+        Ranges that output stacks never cross (one per paired file; ``None``: one range).
     """
 
     image_files: list[str]
@@ -83,10 +93,56 @@ class ParticleSet:
     pixel_size: float
     stacks: list[tuple[int, int]]
     shape: tuple[int, int]
+    poses: PriorPoses | None = None
+    segments: list[tuple[int, int]] | None = None
 
     @property
     def n_particles(self) -> int:
         return int(self.rows.size)
+
+    def take(self, order: np.ndarray) -> ParticleSet:
+        """The same particles in the order ``order`` (a permutation that keeps every particle
+        in its segment, so the stacks stay as they are)."""
+        order = np.asarray(order, dtype=np.int64)
+        if not np.array_equal(np.sort(order), np.arange(self.n_particles)):
+            raise ValueError("ParticleSet.take needs a permutation of the particles")
+        for a, b in self.segments or []:
+            if order[a:b].size and (order[a:b].min() < a or order[a:b].max() >= b):
+                raise ValueError(f"ParticleSet.take would move particles across [{a}, {b})")
+        return ParticleSet(
+            self.image_files,
+            self.file_index[order],
+            self.image_index[order],
+            self.rows[order],
+            [self.metadata[i] for i in order],
+            self.lens.subset(order),
+            self.pixel_size,
+            self.stacks,
+            self.shape,
+            None if self.poses is None else self.poses.subset(order),
+            self.segments,
+        )
+
+
+def sort_by_pose(particles: ParticleSet) -> ParticleSet:
+    """The particles of each segment (each paired file, or the whole indexed set) ordered by
+    prior viewing direction, so that neighbouring images share directions: by 10° band of the
+    projection direction's polar angle (``tilt``), then its azimuth (``rot``); particles
+    without angles last, and ties in their metadata order. Images keep their ids and source
+    rows (``particles.zarr``'s ``image_name``, ``source_row``). Sorting twice changes nothing.
+    """
+    if particles.poses is None:
+        raise ConversionError(
+            "--sort-by-pose needs prior poses, and the metadata gives none (or --pose-source "
+            "is none)"
+        )
+    order = np.empty(particles.n_particles, dtype=np.int64)
+    for a, b in particles.segments or [(0, particles.n_particles)]:
+        order[a:b] = a + sort_key(particles.poses.subset(slice(a, b)))
+    return particles.take(order)
+
+
+_sort_by_pose = sort_by_pose  # for the functions whose keyword ``sort_by_pose`` shadows it
 
 
 def _concat_lens(parts: list[LensParameters]) -> LensParameters:
@@ -172,6 +228,8 @@ def _finish(
     pixel: float,
     boundaries: list[tuple[int, int]],
     batch_size: int,
+    poses: PriorPoses | None = None,
+    sort: bool = False,
 ) -> ParticleSet:
     if batch_size < 1:
         raise ConversionError(f"--batch-size must be at least 1, not {batch_size}")
@@ -190,7 +248,7 @@ def _finish(
         listing = ", ".join(f"{f.name}: {s[1]}×{s[2]}" for f, s in shapes.items())
         raise ConversionError(f"image files have different image sizes ({listing})")
     shape = sizes.pop()
-    return ParticleSet(
+    out = ParticleSet(
         [str(f) for f in files],
         file_index,
         image_index,
@@ -200,7 +258,28 @@ def _finish(
         pixel,
         _stacks(boundaries, batch_size),
         shape,
+        poses,
+        list(boundaries),
     )
+    return sort_by_pose(out) if sort else out
+
+
+def _concat_poses(records: list[ParticleRecords]) -> PriorPoses | None:
+    have = [r.poses is not None for r in records]
+    if not any(have):
+        return None
+    if not all(have):
+        listing = ", ".join(
+            f"{r.source.name}: {'yes' if h else 'no'}" for r, h in zip(records, have, strict=True)
+        )
+        raise ConversionError(
+            f"some metadata files carry poses and some do not ({listing}); give all or none "
+            "(or --pose-source none)"
+        )
+    try:
+        return PriorPoses.concat([r.poses for r in records if r.poses is not None])
+    except ValueError as exc:
+        raise ConversionError(f"the metadata files' poses differ in kind: {exc}") from None
 
 
 def gather_paired(
@@ -208,6 +287,8 @@ def gather_paired(
     stars: list[str | os.PathLike],
     pixel_size: float | None = None,
     batch_size: int = 1024,
+    pose_source: str = "auto",
+    sort_by_pose: bool = False,
 ) -> ParticleSet:
     """Stacks with paired STAR files (row ``k`` of a STAR ↔ image ``k`` of its stack)."""
     if len(mrcs) != len(stars) or not mrcs:
@@ -215,10 +296,11 @@ def gather_paired(
             f"--mrcs and --star must list the same number of files ({len(mrcs)} vs {len(stars)})"
         )
     files, fidx, iidx, rows, meta, lenses, bounds, headers = [], [], [], [], [], [], [], []
-    start, meta_pixels = 0, set()
+    start, meta_pixels, records = 0, set(), []
     for k, (m, s) in enumerate(zip(mrcs, stars, strict=True)):
         info = mrc_info(m)
-        rec = read_star(s, indexed=False)
+        rec = read_star(s, indexed=False, pose_source=pose_source, pixel_size=pixel_size)
+        records.append(rec)
         n = info.shape[0]
         if rec.n_particles != n:
             raise ConversionError(
@@ -248,11 +330,17 @@ def gather_paired(
         pixel,
         bounds,
         batch_size,
+        _concat_poses(records),
+        sort_by_pose,
     )
 
 
 def _gather_indexed(
-    rec: ParticleRecords, mrc_folder: str | os.PathLike, pixel_size: float | None, batch_size: int
+    rec: ParticleRecords,
+    mrc_folder: str | os.PathLike,
+    pixel_size: float | None,
+    batch_size: int,
+    sort: bool = False,
 ) -> ParticleSet:
     folder = Path(mrc_folder)
     if not folder.is_dir():
@@ -275,6 +363,8 @@ def _gather_indexed(
         pixel,
         [(0, n)],
         batch_size,
+        rec.poses,
+        sort,
     )
 
 
@@ -283,9 +373,12 @@ def gather_indexed_star(
     mrc_folder: str | os.PathLike,
     pixel_size: float | None = None,
     batch_size: int = 1024,
+    pose_source: str = "auto",
+    sort_by_pose: bool = False,
 ) -> ParticleSet:
     """An indexed RELION STAR (``rlnImageName = NNNNNN@file``) and its image folder."""
-    return _gather_indexed(read_star(star, indexed=True), mrc_folder, pixel_size, batch_size)
+    rec = read_star(star, indexed=True, pose_source=pose_source, pixel_size=pixel_size)
+    return _gather_indexed(rec, mrc_folder, pixel_size, batch_size, sort_by_pose)
 
 
 def gather_cs(
@@ -293,13 +386,20 @@ def gather_cs(
     mrc_folder: str | os.PathLike,
     pixel_size: float | None = None,
     batch_size: int = 1024,
+    pose_source: str = "auto",
+    sort_by_pose: bool = False,
 ) -> ParticleSet:
     """A cryoSPARC ``.cs`` file (``blob/path``, ``blob/idx``) and its image folder."""
-    return _gather_indexed(read_cs(cs, indexed=True), mrc_folder, pixel_size, batch_size)
+    rec = read_cs(cs, indexed=True, pose_source=pose_source, pixel_size=pixel_size)
+    return _gather_indexed(rec, mrc_folder, pixel_size, batch_size, sort_by_pose)
 
 
 def gather_cryosparc_job(
-    job: str | os.PathLike, pixel_size: float | None = None, batch_size: int = 1024
+    job: str | os.PathLike,
+    pixel_size: float | None = None,
+    batch_size: int = 1024,
+    pose_source: str = "auto",
+    sort_by_pose: bool = False,
 ) -> ParticleSet:
     """A cryoSPARC job folder: ``J*_passthrough_particles.cs`` with ``restack/`` (preferred)
     or ``downsample/`` batch files ``batch_NNNNNN_*.mrc``, read in order; CTF rows are consumed
@@ -312,7 +412,7 @@ def gather_cryosparc_job(
         raise ConversionError(
             f"{folder}: expected one *_passthrough_particles.cs, found {len(cs_files)}"
         )
-    rec = read_cs(cs_files[0], indexed=False)
+    rec = read_cs(cs_files[0], indexed=False, pose_source=pose_source, pixel_size=pixel_size)
     for sub, pattern in (
         ("restack", "batch_{:06d}_restacked.mrc"),
         ("downsample", "batch_{:06d}_downsample.mrc"),
@@ -338,7 +438,17 @@ def gather_cryosparc_job(
     pixel = _pixel_size(pixel_size, rec.pixel_size, headers)
     n = rec.n_particles
     return _finish(
-        batches, fidx, iidx, rec.rows, [str(rec.source)] * n, rec.lens, pixel, [(0, n)], batch_size
+        batches,
+        fidx,
+        iidx,
+        rec.rows,
+        [str(rec.source)] * n,
+        rec.lens,
+        pixel,
+        [(0, n)],
+        batch_size,
+        rec.poses,
+        sort_by_pose,
     )
 
 
@@ -351,8 +461,14 @@ def gather(
     cryosparc_job: str | os.PathLike | None = None,
     pixel_size: float | None = None,
     batch_size: int = 1024,
+    pose_source: str = "auto",
+    sort_by_pose: bool = False,
 ) -> ParticleSet:
-    """The particle set of exactly one input form (see the module docstring)."""
+    """The particle set of exactly one input form (see the module docstring).
+
+    ``pose_source``: which poses to read (``"auto"``, ``"refined"``, ``"prior"``, ``"none"``;
+    see :func:`cryolike_dask.io.particle_metadata.read_star`); ``sort_by_pose``: order each
+    segment by prior viewing direction (:func:`sort_by_pose`)."""
     mrcs, star = list(mrcs or []), list(star or [])
     forms = [bool(mrcs), cs is not None, cryosparc_job is not None, bool(star) and not mrcs]
     if sum(forms) != 1:
@@ -360,7 +476,12 @@ def gather(
             "give exactly one input form: --mrcs ... --star ...; --star FILE --mrc-folder DIR; "
             "--cs FILE --mrc-folder DIR; or --cryosparc-job DIR"
         )
-    kw = {"pixel_size": pixel_size, "batch_size": batch_size}
+    kw = {
+        "pixel_size": pixel_size,
+        "batch_size": batch_size,
+        "pose_source": pose_source,
+        "sort_by_pose": sort_by_pose,
+    }
     if mrcs:
         return gather_paired(mrcs, star, **kw)
     if cryosparc_job is not None:
@@ -459,6 +580,7 @@ def convert_particles(
     cluster: ClusterOptions | None = None,
     client: Any = None,
     progress: bool = True,
+    sort_by_pose: bool = False,
 ) -> Path:
     """Convert every stack; returns the path of ``particles.zarr``.
 
@@ -468,9 +590,15 @@ def convert_particles(
     ``client``: where to run (default: the session's active client, else ``cluster``, else
     a new LocalCluster).
 
+    The particles' prior poses, if any, are stored as ``prior_pose/`` in image order; with
+    ``sort_by_pose`` the particles are first ordered by prior viewing direction within each
+    segment (:func:`sort_by_pose`; a set gathered sorted stays as it is).
+
     Refuses to replace existing outputs unless ``overwrite``.
     """
     check_against_parameters(particles, params, downsample)
+    if sort_by_pose:
+        particles = _sort_by_pose(particles)
     out = Path(output)
     store_path = out / "particles.zarr"
     if not overwrite:
@@ -503,6 +631,11 @@ def convert_particles(
         ),
         particles.rows,
     )
+    if particles.poses is not None:
+        store.write_prior_poses(particles.poses)
+        logger.info("%s", particles.poses.describe())
+    else:
+        logger.info("no prior poses in the metadata")
     logger.info(
         "%d particles from %d file(s) → %d stack(s), pixel %g Å",
         particles.n_particles,
@@ -567,4 +700,5 @@ __all__ = [
     "gather_cs",
     "gather_indexed_star",
     "gather_paired",
+    "sort_by_pose",
 ]

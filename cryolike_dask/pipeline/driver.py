@@ -21,6 +21,7 @@ import functools
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def kernel_settings(
         work_bytes=run.work_bytes,
         template_cache_bytes=template_cache,
         device_pool_bytes=device_pool,
+        pose_prior=run.pose_prior,
     )
 
 
@@ -490,8 +492,32 @@ def _execute(
             except Exception as exc:  # the original error matters more  # pragma: no cover
                 logger.warning("could not write the done marks of %s: %s", results.path, exc)
     report.compute_seconds += time.perf_counter() - t0
+    if run.pose_prior is not None and run.request.optimal_pose:
+        _check_frame(run, results)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+#: Fraction of images whose best pose lies on the prior window's edge above which a search
+#: around prior poses warns (the window is too small, or the structure is not in the frame
+#: of the poses).
+EDGE_WARNING = 0.25
+
+
+def _check_frame(run: LikelihoodRun, results: ResultsStore) -> None:
+    """Warn, per structure, when many best poses lie on the edge of the prior's window."""
+    edge = results.group["optimal_pose_on_window_edge"]
+    for k in run.structures:
+        flags = np.asarray(edge[k, : run.images.n_images])
+        flags = flags[flags >= 0]  # computed images only
+        if flags.size and flags.mean() > EDGE_WARNING:
+            msg = (
+                f"structure {run.templates.names[k]!r}: the best pose of {flags.mean():.0%} of "
+                "the images lies on the edge of the prior's window: widen the window, or "
+                "check that the structure is in the frame of the poses (--pose-frame map|model)"
+            )
+            logger.warning(msg)
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 class _Structure:

@@ -99,6 +99,10 @@ def _load(source: ImageSource, start: int, stop: int) -> tasks.ImageBlock:
     return tasks.load_image_block(source, start, stop)
 
 
+def _prior(settings, templates, structure, images, block) -> tasks.ImageBlock:
+    return tasks.apply_pose_prior(settings, templates, structure, images, block)
+
+
 def _kernel(settings, templates, structure, t0, t1, block) -> Any:
     return tasks.correlate_task(settings, templates, structure, t0, t1, block)
 
@@ -118,8 +122,11 @@ def _optimal_ll(block, reduced, settings, templates, structure) -> np.ndarray:
     return tasks.optimal_likelihood_task(settings, templates, structure, block, poses)
 
 
-def _field(reduced: np.ndarray, settings: tasks.KernelSettings, field_name: str) -> np.ndarray:
-    return tasks.finalize_block(settings, reduced)[field_name]
+def _field(
+    reduced: np.ndarray, settings: tasks.KernelSettings, field_name: str, block: Any = None
+) -> np.ndarray:
+    prior = None if block is None else block.prior
+    return tasks.finalize_block(settings, reduced, prior)[field_name]
 
 
 def _per_template(result, settings, field_name) -> np.ndarray:
@@ -191,16 +198,24 @@ def build_batch_graph(
     load, kern = names["load"], names["kernel"]
     layers[load] = {(load, i): (_load, images, a, b) for i, (a, b) in enumerate(image_ranges)}
     deps[load] = set()
+    block = load  # the layer whose tasks give the image blocks the kernels take
+    if settings.pose_prior is not None:  # prior poses in the template frame, images centred
+        block = names["prior"] = key("pose-prior")
+        layers[block] = {
+            (block, i): (_prior, settings, templates, structure, images, (load, i))
+            for i in range(n_i)
+        }
+        deps[block] = {load}
     on_device = {"resources": kernel_resources} if kernel_resources else None
     layers[kern] = MaterializedLayer(
         {
-            (kern, t, i): (_kernel, settings, templates, structure, t0, t1, (load, i))
+            (kern, t, i): (_kernel, settings, templates, structure, t0, t1, (block, i))
             for t, (t0, t1) in enumerate(template_ranges)
             for i in range(n_i)
         },
         annotations=on_device,
     )
-    deps[kern] = {load}
+    deps[kern] = {block}
     n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
     if request.needs_reduction:
         _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, split_every)
@@ -209,12 +224,12 @@ def build_batch_graph(
         names["optimal_ll"] = opt
         layers[opt] = _finishing(
             {
-                (opt, i): (_optimal_ll, (load, i), (red, i, 0), settings, templates, structure)
+                (opt, i): (_optimal_ll, (block, i), (red, i, 0), settings, templates, structure)
                 for i in range(n_i)
             },
             on_device,
         )
-        deps[opt] = {load, red}
+        deps[opt] = {block, red}
     graph = HighLevelGraph(layers, deps)
     return BatchGraph(
         n_i * n_t, kern, graph, names, image_ranges, template_ranges, settings, structure, request
@@ -276,7 +291,23 @@ def _lazy_outputs(
         dtype = np.int64 if q.kind == "int" else rdt
         label = q.name.replace("_", "-")
         name = f"{label}-{tokenize(names['kernel'], q.name)}"
-        if q.source == "reduction":
+        if q.source == "reduction" and "prior" in names:  # the block's prior decodes too
+            blocks = da.Array(graph, names["prior"], chunks=(isizes,), meta=np.empty(0, object))
+            out[q.name] = da.blockwise(
+                _field,
+                "i",
+                reduced,
+                "ij",
+                blocks,
+                "i",
+                concatenate=True,
+                settings=settings,
+                field_name=q.name,
+                dtype=dtype,
+                meta=np.empty((0,), dtype),
+                name=name,
+            )
+        elif q.source == "reduction":
             out[q.name] = reduced.map_blocks(
                 _field,
                 settings=settings,
@@ -350,6 +381,7 @@ def store_units(
         for i, (a, b) in enumerate(graph.image_ranges):
             reduced = (names["reduced"], i, 0) if request.needs_reduction else None
             optimal = (names["optimal_ll"], i) if "optimal_ll" in names else None
+            prior = (names["prior"], i) if "prior" in names else None
             layer[(s_img, i)] = (
                 tasks.store_image_outputs,
                 image_targets,
@@ -359,9 +391,10 @@ def store_units(
                 b,
                 reduced,
                 optimal,
+                prior,
             )
         layers[s_img] = _finishing(layer)
-        deps[s_img] = {names[n] for n in ("reduced", "optimal_ll") if n in names}
+        deps[s_img] = {names[n] for n in ("reduced", "optimal_ll", "prior") if n in names}
     if per_block:
         layers[s_tpl] = _finishing(
             {

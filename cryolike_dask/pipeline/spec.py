@@ -10,6 +10,7 @@ What can be computed is the table :data:`cryolike_dask.io.outputs.OUTPUTS`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.io.zarr_stores import params_to_json
 from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.pipeline.plan import MAX_TASKS_PER_GRAPH
+from cryolike_dask.pipeline.pose_search import PosePriorSpec
 from cryolike_dask.precision import Precision
 
 Device = Literal["auto", "cpu", "gpu"]
@@ -73,6 +75,8 @@ class OutputRequest:
         ``[M, S]`` best over (d, w) per image and template (+ integrated if requested).
     full : bool
         The full ``[M, S, D, W]`` cross-correlation tensor.
+    pose_prior : bool
+        The search is limited around prior poses: window-edge flags and evaluated poses.
     """
 
     optimal_pose: bool = True
@@ -80,6 +84,7 @@ class OutputRequest:
     optimal_likelihood: bool = False
     per_template: bool = False
     full: bool = False
+    pose_prior: bool = False
 
     @property
     def flags(self) -> dict[str, bool]:
@@ -156,6 +161,9 @@ class LikelihoodRun:
         Confirm a very large run (estimated over a day on the workers, or a TiB of outputs;
         see :mod:`~cryolike_dask.pipeline._size_guard`); without it such a run is refused
         with its estimate.
+    pose_prior : PosePriorSpec or None
+        Search around each image's prior pose (``displacements`` is then the searched
+        residual grid); ``None``: the global search.
     """
 
     templates: TemplateSource
@@ -178,6 +186,7 @@ class LikelihoodRun:
     work_bytes: int = 256 * 2**20
     validate_data: bool = True
     yes: bool = False
+    pose_prior: PosePriorSpec | None = None
 
     @property
     def parameters(self) -> ImageParameters:
@@ -204,6 +213,8 @@ def fingerprint(run: LikelihoodRun) -> dict[str, Any]:
         "images": run.images.fingerprint(),
         "templates": [run.templates.fingerprint(k) for k in range(run.templates.n_structures)],
     }
+    if run.pose_prior is not None:  # absent for global searches: their fingerprints unchanged
+        fp["pose_prior"] = run.pose_prior.as_json()
     return json.loads(json.dumps(fp, default=str))
 
 
@@ -309,6 +320,15 @@ class LikelihoodOptions(BaseModel):
     export_pt: bool = True
     #: Confirm a very large run (``--yes``): one estimated over a day or a TiB of outputs.
     yes: bool = False
+    #: Search around each image's prior pose (``particles.zarr`` from ``convert-particles``
+    #: with poses): ``window``, ``gaussian`` or ``fixed``; ``None``: the global search.
+    pose_prior: Literal["window", "gaussian", "fixed"] | None = None
+    window_degrees: float | None = Field(None, gt=0, le=180)
+    window_shift_pixels: float | None = Field(None, ge=0)
+    sigma_degrees: float | None = Field(None, gt=0)
+    sigma_shift_angstrom: float | None = Field(None, gt=0)
+    use_prior_origin: bool = False
+    pose_frame: Literal["map", "model"] = "map"
 
     @classmethod
     def parse(cls, **values: Any) -> LikelihoodOptions:
@@ -330,6 +350,7 @@ class LikelihoodOptions(BaseModel):
             optimal_likelihood=self.optimal_pose_likelihood,
             per_template=self.per_template,
             full=self.full_cross_correlation,
+            pose_prior=self.pose_prior is not None,
         )
 
     def displacements(self, pixel_size: float) -> DisplacementGrid:
@@ -338,6 +359,46 @@ class LikelihoodOptions(BaseModel):
             self.n_displacements_x,
             self.n_displacements_y,
             pixel_size,
+        )
+
+    def pose_prior_spec(self, pixel_size: float) -> PosePriorSpec | None:
+        """The run's :class:`PosePriorSpec` (``None`` for the global search); options that
+        do not go together are refused naming them."""
+        local = {
+            "window_degrees": self.window_degrees,
+            "window_shift_pixels": self.window_shift_pixels,
+            "sigma_degrees": self.sigma_degrees,
+            "sigma_shift_angstrom": self.sigma_shift_angstrom,
+        }
+        mode = self.pose_prior
+        wanted = {
+            None: set(),
+            "window": {"window_degrees", "window_shift_pixels"},
+            "gaussian": {"sigma_degrees", "sigma_shift_angstrom"},
+            "fixed": set(),
+        }[mode]
+        stray = [k for k, v in local.items() if v is not None and k not in wanted]
+        if stray:
+            raise RunConfigurationError(
+                f"{', '.join(stray)} belong(s) to another search: pose_prior is {mode!r}"
+            )
+        if mode is None:
+            if self.use_prior_origin:
+                raise RunConfigurationError("use_prior_origin needs a pose_prior")
+            return None
+        if mode == "window" and self.window_degrees is None:
+            raise RunConfigurationError("pose_prior window needs window_degrees")
+        if mode == "gaussian" and self.sigma_degrees is None:
+            raise RunConfigurationError("pose_prior gaussian needs sigma_degrees")
+        radius = self.window_shift_pixels
+        return PosePriorSpec(
+            mode=mode,
+            half_width=math.radians(self.window_degrees or 180.0),
+            shift_radius=None if radius is None else radius * pixel_size,
+            sigma=math.radians(self.sigma_degrees or 180.0),
+            shift_sigma=self.sigma_shift_angstrom,
+            use_origin=self.use_prior_origin,
+            frame=self.pose_frame,
         )
 
     def check_search(self, params: ImageParameters) -> DisplacementGrid:
@@ -374,12 +435,22 @@ class LikelihoodOptions(BaseModel):
             else tuple(int(k) for k in self.structures)
         )
         self.check_search(params)
+        prior = self.pose_prior_spec(params.pixel_size[0])
+        grid = self.displacements(params.pixel_size[0])
+        if prior is not None:
+            grid = prior.restrict(grid)
+            if particles.prior_poses(0, particles.n_images) is None:
+                raise RunConfigurationError(
+                    f"pose_prior {prior.mode!r}: the images hold no prior poses (convert the "
+                    "particles from a STAR or .cs file with angles: convert-particles "
+                    "--pose-source)"
+                )
         run = LikelihoodRun(
             templates=templates,
             images=particles,
             output=None if output is None else Path(output),
             structures=structures,
-            displacements=self.displacements(params.pixel_size[0]),
+            displacements=grid,
             request=self.request(),
             precision=resolve_precision(self.precision, params),
             device=self.device,
@@ -390,6 +461,7 @@ class LikelihoodOptions(BaseModel):
             export_pt=self.export_pt,
             max_tasks=self.max_tasks_per_graph,
             yes=self.yes,
+            pose_prior=prior,
         )
         validate(run, headers=False)  # the file headers are read once, when it runs
         return run

@@ -35,6 +35,7 @@ from cryolike_dask.kernels import (
 )
 from cryolike_dask.kernels.reduction import LOG_SUM, POSE, SCORE, pack_partial
 from cryolike_dask.params.image import ImageParameters
+from cryolike_dask.pipeline import pose_search
 from cryolike_dask.precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class KernelSettings:
         Threads for SciPy's FFT (CPU).
     device_pool_bytes : int or None
         Limit of CuPy's memory pool on each GPU worker (the planned budget).
+    pose_prior : PosePriorSpec or None
+        Search around each image's prior pose (:mod:`~cryolike_dask.pipeline.pose_search`).
     """
 
     parameters: ImageParameters
@@ -126,6 +129,7 @@ class KernelSettings:
     template_cache_bytes: int = 2 * 2**30
     fft_workers: int | None = None
     device_pool_bytes: int | None = None
+    pose_prior: pose_search.PosePriorSpec | None = None
 
     @property
     def n_displacements(self) -> int:
@@ -177,6 +181,9 @@ class ImageBlock:
     lens: dict[str, np.ndarray]
     convention: str
     key: str
+    #: The block's prior poses in the template frame (searches around prior poses), with
+    #: ``images`` centred on the prior origins when the search asks for it.
+    prior: pose_search.BlockPrior | None = None
 
     @property
     def n_images(self) -> int:
@@ -190,7 +197,8 @@ def _register_sizes() -> None:
 
     @sizeof.register(ImageBlock)
     def _block(block: ImageBlock) -> int:
-        return int(block.images.nbytes + sum(v.nbytes for v in block.lens.values()))
+        prior = 0 if block.prior is None else block.prior.nbytes
+        return int(block.images.nbytes + sum(v.nbytes for v in block.lens.values()) + prior)
 
     @sizeof.register(BlockResult)
     def _result(result: BlockResult) -> int:
@@ -248,7 +256,7 @@ class _LRU:
 _TEMPLATE_CACHE = _LRU(max_items=4096)  # bounded by template_cache_bytes
 _IMAGE_CACHE = _LRU(max_items=2)
 _KERNEL_CACHE = _LRU(max_items=1)  # the run's translation kernel (CPU)
-_STATS = {"templates_prepared": 0, "images_prepared": 0}
+_STATS = {"templates_prepared": 0, "images_prepared": 0, "pairs_skipped": 0}
 
 
 def _worker_threads() -> int:
@@ -279,6 +287,48 @@ def load_image_block(source: ImageSource, start: int, stop: int) -> ImageBlock:
     images, lens = source.read(start, stop)
     key = json.dumps([source.fingerprint(), start, stop], sort_keys=True, default=str)
     return ImageBlock(start, stop, images, lens, getattr(source, "convention", "cryolike"), key)
+
+
+def apply_pose_prior(
+    settings: KernelSettings,
+    templates: TemplateSource,
+    structure: int,
+    source: ImageSource,
+    block: ImageBlock,
+) -> ImageBlock:
+    """The block with its prior poses in the template frame (:class:`~.pose_search.BlockPrior`)
+    and, when the search uses the prior origins, its images centred on them (each image
+    times the phase ramp that moves its content by minus its prior offset)."""
+    spec = settings.pose_prior
+    assert spec is not None
+    poses = source.prior_poses(block.start, block.stop)
+    if poses is None:
+        from cryolike_dask.pipeline.spec import RunConfigurationError
+
+        raise RunConfigurationError(f"{source.locate(block.start)}: no prior pose stored")
+    angles = templates.viewing_angles(structure)
+    grid = settings.parameters.polar_grid
+    prior = pose_search.block_prior(
+        spec,
+        poses,
+        np.asarray(angles.azimus, np.float64),
+        np.asarray(angles.polars, np.float64),
+        np.asarray(angles.log_normalized_weights, np.float64),
+        grid.theta,
+        settings.displacement_array.astype(np.float64),
+    )
+    images = block.images
+    if spec.use_origin and np.any(prior.offset):
+        ramp = translation_kernel(
+            grid.x_points,
+            grid.y_points,
+            -prior.offset[:, 0],
+            -prior.offset[:, 1],
+            settings.parameters.box_size,
+        )
+        images = (images * ramp).astype(images.dtype, copy=False)
+    key = json.dumps([block.key, spec.as_json(), structure], default=str)
+    return ImageBlock(block.start, block.stop, images, block.lens, block.convention, key, prior)
 
 
 def block_ctf(settings: KernelSettings, block: ImageBlock, xp: ModuleType) -> Any:
@@ -397,11 +447,31 @@ def correlate_task(
 
     Returns the :class:`BlockResult` on the host (pose indices local to the template block).
     """
+    factors = None
+    if block.prior is not None:
+        assert settings.pose_prior is not None
+        factors = pose_search.kernel_factors(
+            settings.pose_prior,
+            block.prior,
+            t0,
+            t1,
+            settings.parameters.polar_grid.theta,
+            settings.displacement_array.astype(np.float64),
+        )
+        if not factors.pairs.any():  # no image of the block may take these templates
+            _STATS["pairs_skipped"] += 1
+            return _nothing_allowed(settings, block.n_images, t1 - t0)
     pi = _prepared_images(settings, block)  # first: another thread may be preparing templates
     pt = _prepared_templates(settings, templates, structure, t0, t1)
     log_prior = None
     if settings.outputs.integrated_likelihood:
         log_prior = templates.viewing_angles(structure).log_normalized_weights[t0:t1]
+    if factors is not None:
+        if settings.device == "gpu":
+            xp = settings.xp()
+            factors = type(factors)(
+                *(xp.asarray(getattr(factors, k)) for k in factors.__dataclass_fields__)
+            )
     work = settings.work_bytes
     for attempt in range(OOM_RETRIES + 1):
         try:
@@ -411,6 +481,7 @@ def correlate_task(
                 settings.outputs,
                 likelihood=settings.likelihood,
                 log_prior=log_prior,
+                pose_prior=factors,
                 workers=settings.fft_workers,
                 work_bytes=work,
             )
@@ -430,6 +501,25 @@ def correlate_task(
                 work // 2**20,
             )
     return BlockResult(*(None if v is None else to_host(v) for v in result.__dict__.values()))
+
+
+def _nothing_allowed(settings: KernelSettings, n_m: int, n_s: int) -> BlockResult:
+    """The result of a block pair whose every pose the prior excludes (``-inf`` scores and
+    likelihoods), without computing anything."""
+    rdt = Precision.parse(settings.precision).resolve().real_dtype
+    n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
+    out = settings.outputs
+    neg = rdt.type(-np.inf)
+    ll = out.integrated_likelihood
+    return BlockResult(
+        np.full(n_m, neg, rdt),
+        np.zeros(n_m, np.int64),
+        np.full((n_m, n_s), neg, rdt),
+        np.zeros((n_m, n_s), np.int64),
+        np.full((n_m, n_s), neg, rdt) if ll else None,
+        np.full(n_m, neg, rdt) if ll else None,
+        np.full((n_m, n_s, n_d, n_w), neg, rdt) if out.full else None,
+    )
 
 
 def check_images(source: ImageSource, start: int, stop: int, max_report: int = 3) -> list[str]:
@@ -471,12 +561,19 @@ def partial_of(result: BlockResult, t0: int, n_displacements: int, n_inplanes: i
     return pack_partial(result.best_cross_correlation, pose, result.log_likelihood_sum)
 
 
-def finalize_block(settings: KernelSettings, reduced: np.ndarray) -> dict[str, np.ndarray]:
+def finalize_block(
+    settings: KernelSettings,
+    reduced: np.ndarray,
+    prior: pose_search.BlockPrior | None = None,
+) -> dict[str, np.ndarray]:
     """Decode reduced partials ``[m, 3]`` into the per-image quantities of the reduction.
 
     Returns ``{name: [m] array}`` for every ``source == "reduction"`` row of
     :data:`~cryolike_dask.io.outputs.OUTPUTS`: poses in Å and rad, the template index and
-    the integrated likelihood (NaN unless it was computed).
+    the integrated likelihood (NaN unless it was computed). With the block's ``prior`` (a
+    search around prior poses): the likelihood normalised by the prior, the displacement
+    made total (prior origin + residual), the window-edge flag and the poses evaluated;
+    without it the displacement is the searched (residual) one.
     """
     rdt = Precision.parse(settings.precision).resolve().real_dtype
     n_d = settings.n_displacements
@@ -488,13 +585,24 @@ def finalize_block(settings: KernelSettings, reduced: np.ndarray) -> dict[str, n
     ill = reduced[:, LOG_SUM] - (math.log(n_d) + math.log(n_w))
     if not settings.outputs.integrated_likelihood:
         ill = np.full_like(ill, np.nan)
+    dx, dy = disp[0, d].astype(np.float64), disp[1, d].astype(np.float64)
+    out = {}
+    if prior is not None:
+        assert settings.pose_prior is not None
+        ill = ill - prior.log_normaliser
+        dx, dy = pose_search.total_displacement(prior, dx, dy, theta[w])
+        out["optimal_pose_on_window_edge"] = pose_search.on_edge(
+            settings.pose_prior, prior, s, theta[w], len(theta)
+        ).astype(np.int64)
+        out["evaluated_poses"] = prior.n_poses.astype(np.int64)
     return {
         "cross_correlation": reduced[:, SCORE].astype(rdt),
         "optimal_template": s.astype(np.int64),
-        "optimal_displacement_x": disp[0, d].astype(rdt),
-        "optimal_displacement_y": disp[1, d].astype(rdt),
+        "optimal_displacement_x": dx.astype(rdt),
+        "optimal_displacement_y": dy.astype(rdt),
         "optimal_inplane_rotation": theta[w].astype(rdt),
         "log_likelihood_integrated_fourier": ill.astype(rdt),
+        **out,
     }
 
 
@@ -554,6 +662,7 @@ def store_image_outputs(
     stop: int,
     reduced: np.ndarray | None,
     optimal_ll: np.ndarray | None,
+    block: ImageBlock | None = None,
 ) -> None:
     """Write the per-image quantities of images ``[start, stop)`` of a structure.
 
@@ -561,7 +670,8 @@ def store_image_outputs(
     come from the reduced partials ``[m, 3]`` (:func:`finalize_block`) and the optimal-pose
     likelihood ``[m]``.
     """
-    values = finalize_block(settings, reduced) if reduced is not None else {}
+    prior = None if block is None else block.prior
+    values = finalize_block(settings, reduced, prior) if reduced is not None else {}
     if optimal_ll is not None:
         values["log_likelihood_optimal_fourier"] = optimal_ll
     region = (slice(structure, structure + 1), slice(start, stop))

@@ -161,3 +161,138 @@ def test_errors_before_any_output(reference_dir, data_dir, tmp_path) -> None:
     _convert(particles, params, tmp_path / "c")
     with pytest.raises(FileExistsError, match="overwrite"):
         _convert(particles, params, tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------ prior poses
+POSE_A = {"rot": [10.0, 200.0, 0.0, 100.0, 50.0], "tilt": [95.0, 12.0, 999.0, 15.0, 3.0]}
+POSE_B = {"rot": [30.0, 300.0, 10.0, 5.0], "tilt": [50.0, 41.0, 170.0, 45.0]}
+
+
+def _posed_pair(folder, poses_b: bool = True):
+    """Two stacks (5 and 4 images, 16×16, 1.5 Å) with STAR files carrying refined poses
+    (particle 2 of the first: tilt 999, no angles) and Å origins."""
+    import pandas as pd
+    import starfile
+
+    rng = np.random.default_rng(7)
+    out = []
+    for name, pose, with_poses in (("a", POSE_A, True), ("b", POSE_B, poses_b)):
+        n = len(pose["rot"])
+        write_images(folder / f"{name}.mrcs", rng.normal(size=(n, 16, 16)).astype(np.float32), 1.5)
+        cols = {
+            "rlnDefocusU": np.full(n, 1.2e4),
+            "rlnDefocusV": np.full(n, 1.1e4),
+            "rlnDefocusAngle": np.linspace(0, 90, n),
+            "rlnVoltage": np.full(n, 300.0),
+            "rlnSphericalAberration": np.full(n, 2.7),
+        }
+        if with_poses:
+            cols |= {
+                "rlnAngleRot": pose["rot"],
+                "rlnAngleTilt": pose["tilt"],
+                "rlnAnglePsi": np.arange(n) * 7.0,
+                "rlnOriginXAngst": np.arange(n) * 0.5,
+                "rlnOriginYAngst": -np.arange(n) * 0.25,
+            }
+        starfile.write(pd.DataFrame(cols), folder / f"{name}.star")
+        out.append((folder / f"{name}.mrcs", folder / f"{name}.star"))
+    return [m for m, _ in out], [s for _, s in out]
+
+
+def _expected_order(pose, offset):
+    """Within one file: 10° tilt bands, then rot; no angles (999) last; written out here."""
+    keys = [
+        (t == 999.0, 0 if t == 999.0 else int(t // 10), 0 if t == 999.0 else r % 360, k)
+        for k, (r, t) in enumerate(zip(pose["rot"], pose["tilt"], strict=True))
+    ]
+    return [offset + k[-1] for k in sorted(keys)]
+
+
+def test_prior_poses_are_stored_in_image_order(tmp_path) -> None:
+    from cryolike_dask.io.sources import ZarrImages
+
+    mrcs, stars = _posed_pair(tmp_path)
+    params = ImageParameters.from_values(16, 1.5, n_inplanes=16, resolution_factor=0.5)
+    plain = cp.gather(mrcs=mrcs, star=stars, batch_size=3)
+    assert plain.poses is not None and plain.poses.source == "star-refined"
+    store_plain = ImageStore.open(_convert(plain, params, tmp_path / "plain"))
+    p = store_plain.prior_poses()
+    np.testing.assert_array_equal(p.rot, [10.0, 200.0, np.nan, 100.0, 50.0] + POSE_B["rot"])
+    np.testing.assert_array_equal(p.has_angles, [True, True, False, True, True] + [True] * 4)
+    assert np.isnan(p.tilt[2]) and np.isnan(p.psi[2]) and p.has_origin.all()
+    np.testing.assert_array_equal(p.origin_x, np.r_[np.arange(5), np.arange(4)] * 0.5)
+    assert store_plain.group["prior_pose"].attrs["columns"]["origin_x"] == "rlnOriginXAngst"
+    assert "ZYZ" in store_plain.group["prior_pose"].attrs["convention"]
+    assert store_plain.group["prior_pose/rot"].chunks == (3,)
+
+    sorted_set = cp.gather(mrcs=mrcs, star=stars, batch_size=3, sort_by_pose=True)
+    order = _expected_order(POSE_A, 0) + _expected_order(POSE_B, 5)
+    assert order == [4, 3, 1, 0, 2, 8, 6, 5, 7]  # the segments stay apart: 0–4 then 5–8
+    assert sorted_set.stacks == plain.stacks
+    store = ImageStore.open(_convert(sorted_set, params, tmp_path / "sorted"))
+    q = store.prior_poses()
+    np.testing.assert_array_equal(q.rot, p.rot[order])
+    np.testing.assert_array_equal(q.has_angles, p.has_angles[order])
+    np.testing.assert_array_equal(q.origin_y, p.origin_y[order])
+    # each image keeps its id and source row, and is the image it was
+    ids, plain_ids = store.image_ids(), store_plain.image_ids()
+    np.testing.assert_array_equal(ids.image_name, plain_ids.image_name[order])
+    np.testing.assert_array_equal(ids.source_row, [4, 3, 1, 0, 2, 3, 1, 0, 2])
+    assert ids.image_name[0].startswith("000005@") and ids.image_name[0].endswith("a.mrcs")
+    assert ids.image_name[5].startswith("000004@") and ids.image_name[5].endswith("b.mrcs")
+    np.testing.assert_array_equal(store.images[:], store_plain.images[:][order])
+    np.testing.assert_array_equal(
+        store.group["defocus_angle"][:], store_plain.group["defocus_angle"][:][order]
+    )
+    npz = np.load(tmp_path / "sorted" / "fft" / "particles_fourier_stack_000000.npz")
+    np.testing.assert_array_equal(npz["source_rows"], [4, 3, 1])
+    # sorting in convert_particles gives the same store; sorting twice changes nothing
+    again = ImageStore.open(_convert(plain, params, tmp_path / "again", sort_by_pose=True))
+    np.testing.assert_array_equal(again.image_ids().image_name, ids.image_name)
+    np.testing.assert_array_equal(cp.sort_by_pose(sorted_set).rows, sorted_set.rows)
+    # the image source reads the same poses by range
+    src = ZarrImages.open(tmp_path / "sorted" / "particles.zarr")
+    np.testing.assert_array_equal(src.prior_poses(2, 6).rot, q.rot[2:6])
+    assert src.prior_poses().n == 9
+
+
+def test_prior_pose_errors(tmp_path) -> None:
+    mrcs, stars = _posed_pair(tmp_path, poses_b=False)
+    with pytest.raises(cp.ConversionError, match=r"some metadata files carry poses.*b\.star: no"):
+        cp.gather(mrcs=mrcs, star=stars)
+    none = cp.gather(mrcs=mrcs, star=stars, pose_source="none")
+    assert none.poses is None
+    with pytest.raises(cp.ConversionError, match="--sort-by-pose needs prior poses"):
+        cp.gather(mrcs=mrcs, star=stars, pose_source="none", sort_by_pose=True)
+    with pytest.raises(cp.MetadataError, match=r"a\.star: prior poses.*rlnAngleRotPrior"):
+        cp.gather(mrcs=mrcs, star=stars, pose_source="prior")
+    params = ImageParameters.from_values(16, 1.5, n_inplanes=16, resolution_factor=0.5)
+    store = ImageStore.open(_convert(none, params, tmp_path / "out"))
+    assert store.prior_poses() is None and "prior_pose" not in store.group
+
+
+def test_cs_poses_survive_conversion(data_dir, tmp_path) -> None:
+    """A cryoSPARC .cs with alignments3D/pose and shift: angles and Å origins in the store."""
+    from scipy.spatial.transform import Rotation
+
+    real = data_dir / "real"
+    cs = np.load(real / "empiar_10076_7.cs")
+    rng = np.random.default_rng(3)
+    pose = rng.normal(size=(7, 3))
+    shift = rng.uniform(-3, 3, size=(7, 2))
+    extra = [("alignments3D/pose", "<f8", (3,)), ("alignments3D/shift", "<f8", (2,))]
+    dtype = [*cs.dtype.descr, *extra]
+    posed = np.empty(cs.shape, dtype=dtype)
+    for name in cs.dtype.names:
+        posed[name] = cs[name]
+    posed["alignments3D/pose"], posed["alignments3D/shift"] = pose, shift
+    with open(tmp_path / "posed.cs", "wb") as f:
+        np.save(f, posed)
+    particles = cp.gather_cs(tmp_path / "posed.cs", real, batch_size=4)
+    params = ImageParameters.from_values(160, 2.62, n_inplanes=16, resolution_factor=0.25)
+    p = ImageStore.open(_convert(particles, params, tmp_path / "out", downsample=2)).prior_poses()
+    assert p.source == "cryosparc" and p.has_angles.all()
+    got = Rotation.from_euler("ZYZ", np.stack([p.rot, p.tilt, p.psi], 1), degrees=True)
+    np.testing.assert_allclose(got.as_matrix(), Rotation.from_rotvec(pose).as_matrix(), atol=1e-10)
+    # blob/psize_A is 1.31 Å: the shifts' pixels, not the downsampled output's
+    np.testing.assert_allclose(p.origin_x, shift[:, 0] * float(cs["blob/psize_A"][0]), rtol=1e-12)
