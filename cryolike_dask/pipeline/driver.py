@@ -133,6 +133,11 @@ def _cache_and_pool(
     return max(budget // 2, plan.task_bytes), None
 
 
+#: Images per block of a search around prior poses (unless given): with particles sorted
+#: by direction, a block then needs the templates of a small patch of the sphere only.
+LOCAL_IMAGES_PER_BLOCK = 64
+
+
 def plan_run(
     run: LikelihoodRun,
     client: Any,
@@ -148,6 +153,10 @@ def plan_run(
         workers = describe_workers(client)
     budget = memory_bytes or worker_memory(client, run.device, workers)
     threads = sum(w.kernel_slots for w in workers) if workers else 1
+    images_per_block = fixed.get("images_per_block", run.images_per_block)
+    if images_per_block is None and run.pose_prior is not None:
+        # a block's images share few directions (sorted particles): few templates per block
+        images_per_block = min(run.images.n_images, LOCAL_IMAGES_PER_BLOCK)
     return planning.plan_blocks(
         run.images.n_images,
         max(run.templates.n_templates(k) for k in run.structures),
@@ -157,7 +166,7 @@ def plan_run(
         complex_bytes=Precision.parse(run.precision).resolve().complex_dtype.itemsize,
         memory_bytes=budget,
         templates_per_block=fixed.get("templates_per_block", run.templates_per_block),
-        images_per_block=fixed.get("images_per_block", run.images_per_block),
+        images_per_block=images_per_block,
         full=run.request.full,
         work_bytes=run.work_bytes,
         max_tasks=run.max_tasks,
