@@ -9,7 +9,9 @@ Modes:
 
 * ``window``: poses whose viewing direction lies within ``half_width`` of the prior's and
   whose in-plane angle (carried onto the prior's direction) within ``half_width`` of the
-  prior's, residual displacements within ``shift_radius`` (all when ``None``);
+  prior's, residual displacements within ``shift_radius`` (all when ``None``); the template
+  nearest the prior's direction, and its rotation nearest the prior's, always take part (as
+  if at the window's edge), so a window narrower than the grids still searches something;
 * ``gaussian``: RELION-style Gaussian log weights (``sigma`` on the direction and the
   in-plane angle, ``shift_sigma`` on the displacement), cut at 3σ;
 * ``fixed``: the grid pose nearest the prior only (nearest template direction, nearest
@@ -144,6 +146,16 @@ def _factors(
         )
     else:
         f = _fixed(direction, phase, theta, displacements)
+    lt, lr = f.log_template, f.log_rotation
+    # a window narrower than the rotation step still holds the nearest rotation (at its edge)
+    empty = np.isfinite(lt) & ~np.isfinite(lr).any(axis=2)
+    if empty.any():
+        lr = lr.copy()
+        m_i, s_i = np.nonzero(empty)
+        diff = np.abs(np.angle(np.exp(1j * (phase[m_i, s_i][:, None] + theta[None, :]))))
+        edge = 0.0 if spec.mode != "gaussian" else -0.5 * SIGMA_CUT**2
+        lr[m_i, s_i, np.argmin(diff, axis=1)] = edge
+        f = pp.PriorFactors(lt, lr, f.log_displacement, f.displacement_kept)
     if psi_known.all():
         return f
     lt, lr = f.log_template.copy(), f.log_rotation.copy()
@@ -188,11 +200,16 @@ def block_prior(
     psi = np.where(psi_known, poses.psi, 0.0)
     q = pp.template_frame(pp.relion_matrices(rot, tilt, psi), spec.frame)
     direction, phase = pp.relative_pose(q, pp.template_rotations(azimuth, polar))
+    nearest = np.argmin(direction, axis=1)
+    rows = np.arange(n)
     if spec.mode == "fixed":  # only the nearest template keeps a (finite) direction
-        nearest = np.argmin(direction, axis=1)
         keep = np.zeros(direction.shape, dtype=bool)
-        keep[np.arange(n), nearest] = True
+        keep[rows, nearest] = True
         direction = np.where(keep, direction, np.inf)
+    else:  # a window narrower than the template grid still holds the nearest template
+        limit = (spec.half_width if spec.mode == "window" else SIGMA_CUT * spec.sigma) * (1 - 1e-9)
+        far = direction[rows, nearest] > limit
+        direction[rows[far], nearest[far]] = limit
     offset = np.zeros((n, 2))
     if spec.use_origin:
         has = np.asarray(poses.has_origin, dtype=bool)

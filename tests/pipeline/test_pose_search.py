@@ -279,3 +279,36 @@ def test_a_frame_mismatch_is_reported(case) -> None:
     with pytest.warns(UserWarning, match="edge of the prior's window"):
         wrong = _run(case, "wrong-frame", DisplacementGrid.from_search(2, 5, 5, PIXEL), spec)
     assert wrong["optimal_pose_on_window_edge"].mean() > 0.25
+
+
+def test_a_window_narrower_than_the_grid_keeps_the_nearest_template() -> None:
+    from cryolike_dask.io.poses import PriorPoses
+    from cryolike_dask.pipeline.pose_search import block_prior
+
+    params = ImageParameters.from_values(N, PIXEL, n_inplanes=W, viewing_distance=8 / (4 * np.pi))
+    angles = params.viewing_angles
+    rng = np.random.default_rng(2)
+    m = 50
+    poses = PriorPoses(
+        rng.uniform(0, 360, m), np.degrees(np.arccos(rng.uniform(-1, 1, m))),
+        rng.uniform(-180, 180, m), np.zeros(m), np.zeros(m), np.ones(m, bool),
+        np.ones(m, bool), "star-refined",
+    )  # fmt: skip
+    az, po = angles.azimus.astype(float), angles.polars.astype(float)
+    prior = block_prior(
+        PosePriorSpec("window", half_width=math.radians(1.0)),
+        poses,
+        az,
+        po,
+        np.log(angles.weights / angles.weights.sum()),
+        params.polar_grid.theta,
+        np.zeros((2, 1)),
+    )
+    assert np.all(prior.n_poses >= 1) and np.all(np.isfinite(prior.log_normaliser))
+    # the one template each image keeps is the nearest to its prior direction
+    d_prior = Rotation.from_euler("ZYZ", np.stack([poses.rot, poses.tilt, poses.psi], 1),
+                                  degrees=True).as_matrix()[:, :, 2]  # fmt: skip
+    d_tpl = np.stack([np.cos(az) * np.sin(po), np.sin(az) * np.sin(po), np.cos(po)], 1)
+    nearest = np.argmax(d_prior @ d_tpl.T, axis=1)
+    kept = np.isfinite(prior.direction)[np.arange(m), nearest]
+    assert kept.all()
