@@ -217,6 +217,14 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
         help="the structures' frame: templates made from MRC maps (default) or from atomic "
         "models, in the frame of the model that the poses refer to",
     )
+    lp.add_argument(
+        "--check-frame",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also search K evenly spaced images over every direction and rotation, and warn "
+        "when their global optimum lies outside the window (default 0: off)",
+    )
     o = p.add_argument_group("outputs (the optimal pose is always written)")
     o.add_argument(
         "--integrated-likelihood",
@@ -330,6 +338,7 @@ def likelihood_options(args: argparse.Namespace):
         sigma_shift_angstrom=args.sigma_shift_angstrom,
         use_prior_origin=args.use_prior_origin,
         pose_frame=args.pose_frame,
+        check_frame=args.check_frame,
     )
 
 

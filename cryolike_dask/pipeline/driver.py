@@ -53,6 +53,7 @@ from cryolike_dask.pipeline.graph import build_batch_graph, store_units
 from cryolike_dask.pipeline.spec import (
     InputDataError,
     LikelihoodRun,
+    OutputRequest,
     RunConfigurationError,
     differences,
     fingerprint,
@@ -452,6 +453,11 @@ def _execute(
         write_displacements(layout, run.displacements.as_array())
     settings = kernel_settings(run, *_cache_and_pool(run, plan, budget))
     image_ranges = plan.image_ranges()
+
+    def st_ranges(k: int) -> list[tuple[int, int]]:
+        n_t, tb = run.templates.n_templates(k), plan.template_block
+        return [(a, min(n_t, a + tb)) for a in range(0, n_t, tb)]
+
     resources = kernel_resources(workers, run.device)
     states: list[_Structure] = []
 
@@ -503,6 +509,9 @@ def _execute(
     report.compute_seconds += time.perf_counter() - t0
     if run.pose_prior is not None and run.request.optimal_pose:
         _check_frame(run, results)
+        if run.check_frame:
+            for k in run.structures:
+                _compare_with_global(run, results, settings, st_ranges(k), k, executor)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -511,6 +520,52 @@ def _execute(
 #: around prior poses warns (the window is too small, or the structure is not in the frame
 #: of the poses).
 EDGE_WARNING = 0.25
+
+
+def _compare_with_global(
+    run: LikelihoodRun,
+    results: ResultsStore,
+    settings: Any,
+    template_ranges: list[tuple[int, int]],
+    k: int,
+    executor: Any,
+) -> float:
+    """``--check-frame K``: search ``K`` evenly spaced images of structure ``k`` over every
+    direction and rotation (same centring, same residual displacements) and compare with the
+    local search's best directions; warn when the global optimum of many lies outside the
+    window. Returns the fraction outside (also logged)."""
+    spec = run.pose_prior
+    assert spec is not None
+    n = run.images.n_images
+    idx = np.unique(np.linspace(0, n - 1, min(n, run.check_frame)).round().astype(int))
+    wide = dataclasses.replace(spec, mode="window", half_width=np.pi, shift_radius=None)
+    g_settings = dataclasses.replace(settings, pose_prior=wide, outputs=BlockOutputs())
+    graph = build_batch_graph(
+        g_settings, run.templates, k, run.images, [(int(i), int(i) + 1) for i in idx],
+        template_ranges, OutputRequest(pose_prior=True),
+    )  # fmt: skip
+    best = graph.outputs["optimal_template"]
+    if executor.client is not None:
+        glob = np.asarray(executor.client.compute(best).result())
+    else:
+        glob = np.asarray(best.compute(scheduler=executor.scheduler))
+    local = np.asarray(results.group["optimal_template"][k, idx])
+    angles = run.templates.viewing_angles(k)
+    az, po = np.asarray(angles.azimus, float), np.asarray(angles.polars, float)
+    u = np.stack([np.cos(az) * np.sin(po), np.sin(az) * np.sin(po), np.cos(po)], axis=1)
+    cos = np.clip(np.sum(u[glob] * u[local], axis=1), -1.0, 1.0)
+    limit = spec.half_width if spec.mode == "window" else 3.0 * spec.sigma
+    outside = float(np.mean(np.arccos(cos) > limit + 0.5 * np.sqrt(4 * np.pi / u.shape[0])))
+    msg = (
+        f"structure {run.templates.names[k]!r}: check-frame on {idx.size} images: the global "
+        f"search's best direction lies outside the prior's window for {outside:.0%}"
+    )
+    logger.info(msg)
+    if outside > EDGE_WARNING:
+        msg += "; check that the structure is in the frame of the poses (--pose-frame map|model)"
+        logger.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return outside
 
 
 def _check_frame(run: LikelihoodRun, results: ResultsStore) -> None:

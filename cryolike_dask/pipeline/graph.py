@@ -122,11 +122,16 @@ def _optimal_ll(block, reduced, settings, templates, structure) -> np.ndarray:
     return tasks.optimal_likelihood_task(settings, templates, structure, block, poses)
 
 
-def _field(
-    reduced: np.ndarray, settings: tasks.KernelSettings, field_name: str, block: Any = None
+def _field(reduced: np.ndarray, settings: tasks.KernelSettings, field_name: str) -> np.ndarray:
+    return tasks.finalize_block(settings, reduced)[field_name]
+
+
+def _field_of_prior_block(
+    reduced: np.ndarray, blocks: Any, settings: tasks.KernelSettings, field_name: str
 ) -> np.ndarray:
-    prior = None if block is None else block.prior
-    return tasks.finalize_block(settings, reduced, prior)[field_name]
+    """``_field`` of a search around prior poses: the block's prior decodes too."""
+    block = blocks[0] if isinstance(blocks, (list, np.ndarray)) else blocks
+    return tasks.finalize_block(settings, reduced, block.prior)[field_name]
 
 
 def _per_template(result, settings, field_name) -> np.ndarray:
@@ -294,7 +299,7 @@ def _lazy_outputs(
         if q.source == "reduction" and "prior" in names:  # the block's prior decodes too
             blocks = da.Array(graph, names["prior"], chunks=(isizes,), meta=np.empty(0, object))
             out[q.name] = da.blockwise(
-                _field,
+                _field_of_prior_block,
                 "i",
                 reduced,
                 "ij",

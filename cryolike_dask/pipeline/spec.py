@@ -164,6 +164,9 @@ class LikelihoodRun:
     pose_prior : PosePriorSpec or None
         Search around each image's prior pose (``displacements`` is then the searched
         residual grid); ``None``: the global search.
+    check_frame : int
+        With ``pose_prior``: also search this many evenly spaced images over every direction
+        and rotation, and warn when their global optimum lies outside the window.
     """
 
     templates: TemplateSource
@@ -187,6 +190,7 @@ class LikelihoodRun:
     validate_data: bool = True
     yes: bool = False
     pose_prior: PosePriorSpec | None = None
+    check_frame: int = 0
 
     @property
     def parameters(self) -> ImageParameters:
@@ -329,6 +333,8 @@ class LikelihoodOptions(BaseModel):
     sigma_shift_angstrom: float | None = Field(None, gt=0)
     use_prior_origin: bool = False
     pose_frame: Literal["map", "model"] = "map"
+    #: With ``pose_prior``: compare with a global search on this many images (0: off).
+    check_frame: int = Field(0, ge=0)
 
     @classmethod
     def parse(cls, **values: Any) -> LikelihoodOptions:
@@ -462,6 +468,7 @@ class LikelihoodOptions(BaseModel):
             max_tasks=self.max_tasks_per_graph,
             yes=self.yes,
             pose_prior=prior,
+            check_frame=self.check_frame if prior is not None else 0,
         )
         validate(run, headers=False)  # the file headers are read once, when it runs
         return run

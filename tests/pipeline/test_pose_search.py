@@ -312,3 +312,30 @@ def test_a_window_narrower_than_the_grid_keeps_the_nearest_template() -> None:
     nearest = np.argmax(d_prior @ d_tpl.T, axis=1)
     kept = np.isfinite(prior.direction)[np.arange(m), nearest]
     assert kept.all()
+
+
+@pytest.mark.parametrize(("frame", "warns"), [("model", False), ("map", True)])
+def test_check_frame_compares_with_a_global_search(case, frame, warns) -> None:
+    """``check_frame``: a global search on a sample of the images; in the structure's frame
+    its optimum lies within the window, in the wrong frame outside, and the run says so."""
+    import warnings as w
+
+    spec = PosePriorSpec(
+        "window", half_width=math.radians(40), shift_radius=1.5 * PIXEL, use_origin=True,
+        frame=frame,
+    )  # fmt: skip
+    run = LikelihoodRun(
+        ZarrTemplates.open(case["tmp"] / "templates" / "templates.zarr"),
+        ZarrImages.open(case["store"]),
+        case["tmp"] / f"check-{frame}",
+        (0,),
+        spec.restrict(DisplacementGrid.from_search(2, 5, 5, PIXEL)),
+        OutputRequest(pose_prior=True),
+        pose_prior=spec,
+        check_frame=12,
+    )
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        execute(run, scheduler="sync", progress=False)
+    messages = [str(c.message) for c in caught if "check-frame" in str(c.message)]
+    assert bool(messages) == warns, messages
