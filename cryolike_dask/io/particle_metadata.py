@@ -441,6 +441,14 @@ def read_cs(
     )
 
 
+def _cs_vectors(data: np.ndarray, field: str, width: int, path: Path) -> np.ndarray:
+    """float64 ``[n, width]`` of a ``.cs`` field, or a :class:`MetadataError` naming it."""
+    try:
+        return np.asarray(data[field], dtype=np.float64).reshape(data.size, width)
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"{path}: field {field} is not [n, {width}] numbers ({exc})") from exc
+
+
 def _cs_poses(
     data: np.ndarray, path: Path, pose_source: str, pixel_size: float | None
 ) -> PriorPoses | None:
@@ -452,22 +460,12 @@ def _cs_poses(
             )
         return None
     n = data.size
-    try:
-        pose = np.asarray(data["alignments3D/pose"], dtype=np.float64).reshape(n, 3)
-    except (TypeError, ValueError) as exc:
-        raise MetadataError(
-            f"{path}: field alignments3D/pose is not [n, 3] numbers ({exc})"
-        ) from exc
+    pose = _cs_vectors(data, "alignments3D/pose", 3, path)
     columns = {"rot": "alignments3D/pose", "tilt": "alignments3D/pose", "psi": "alignments3D/pose"}
     shift = np.full((n, 2), np.nan)
     scale = np.nan
     if "alignments3D/shift" in names:
-        try:
-            shift = np.asarray(data["alignments3D/shift"], dtype=np.float64).reshape(n, 2)
-        except (TypeError, ValueError) as exc:
-            raise MetadataError(
-                f"{path}: field alignments3D/shift is not [n, 2] numbers ({exc})"
-            ) from exc
+        shift = _cs_vectors(data, "alignments3D/shift", 2, path)
         for field in ("alignments3D/psize_A", "blob/psize_A"):
             if field in names:
                 values = np.asarray(data[field], dtype=np.float64).ravel()

@@ -50,6 +50,7 @@ from cryolike_dask.pipeline.cluster import (
 )
 from cryolike_dask.pipeline.executor import Batch, Executor
 from cryolike_dask.pipeline.graph import build_batch_graph, store_units
+from cryolike_dask.pipeline.pose_search import outside_window
 from cryolike_dask.pipeline.spec import (
     InputDataError,
     LikelihoodRun,
@@ -552,10 +553,7 @@ def _compare_with_global(
     local = np.asarray(results.group["optimal_template"][k, idx])
     angles = run.templates.viewing_angles(k)
     az, po = np.asarray(angles.azimus, float), np.asarray(angles.polars, float)
-    u = np.stack([np.cos(az) * np.sin(po), np.sin(az) * np.sin(po), np.cos(po)], axis=1)
-    cos = np.clip(np.sum(u[glob] * u[local], axis=1), -1.0, 1.0)
-    limit = spec.half_width if spec.mode == "window" else 3.0 * spec.sigma
-    outside = float(np.mean(np.arccos(cos) > limit + 0.5 * np.sqrt(4 * np.pi / u.shape[0])))
+    outside = float(np.mean(outside_window(spec, az, po, glob, local)))
     msg = (
         f"structure {run.templates.names[k]!r}: check-frame on {idx.size} images: the global "
         f"search's best direction lies outside the prior's window for {outside:.0%}"

@@ -152,7 +152,7 @@ def _factors(
     if empty.any():
         lr = lr.copy()
         m_i, s_i = np.nonzero(empty)
-        diff = np.abs(np.angle(np.exp(1j * (phase[m_i, s_i][:, None] + theta[None, :]))))
+        diff = np.abs(pp.wrap_angle(phase[m_i, s_i][:, None] + theta[None, :]))
         edge = 0.0 if spec.mode != "gaussian" else -0.5 * SIGMA_CUT**2
         lr[m_i, s_i, np.argmin(diff, axis=1)] = edge
         f = pp.PriorFactors(lt, lr, f.log_displacement, f.displacement_kept)
@@ -168,7 +168,7 @@ def _fixed(direction, phase, theta, displacements) -> pp.PriorFactors:
     """Only the nearest grid pose: the template of finite ``direction`` (the nearest, see
     :func:`block_prior`), its nearest rotation, the zero displacement."""
     lt = np.where(np.isfinite(direction), 0.0, -np.inf)
-    diff = np.angle(np.exp(1j * (phase[:, :, None] + theta[None, None, :])))
+    diff = pp.wrap_angle(phase[:, :, None] + theta[None, None, :])
     w_best = np.argmin(np.abs(diff), axis=2)  # [m, S]
     lr = np.full(diff.shape, -np.inf)
     np.put_along_axis(lr, w_best[:, :, None], 0.0, axis=2)
@@ -253,13 +253,27 @@ def on_edge(
         return np.zeros(prior.known.shape, dtype=bool)
     limit = spec.half_width if spec.mode == "window" else SIGMA_CUT * spec.sigma
     rows = np.arange(prior.known.size)
-    n_s = prior.direction.shape[1]
-    direction = prior.direction[rows, template]
-    inplane = np.abs(np.angle(np.exp(1j * (prior.phase[rows, template] + gamma))))
-    edge = (direction > limit - 0.5 * math.sqrt(4 * math.pi / n_s)) | (
-        prior.psi_known & (inplane > limit - 2 * math.pi / n_w)
+    inplane = pp.wrap_angle(prior.phase[rows, template] + gamma)
+    edge = pp.on_edge(
+        prior.direction[rows, template],
+        np.where(prior.psi_known, inplane, 0.0),  # no prior in-plane angle: no in-plane edge
+        limit,
+        math.sqrt(4 * math.pi / prior.direction.shape[1]),
+        2 * math.pi / n_w,
     )
-    return edge & prior.known & (limit < math.pi)
+    return edge & prior.known
+
+
+def outside_window(
+    spec: PosePriorSpec, azimuth: np.ndarray, polar: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> np.ndarray:
+    """bool: template ``a``'s direction lies outside the prior's window around template
+    ``b``'s (by more than half the templates' typical spacing); ``azimuth``/``polar`` ``[S]``
+    rad."""
+    u = pp.template_rotations(azimuth, polar)[:, :, 2]
+    angle = np.arccos(np.clip(np.sum(u[a] * u[b], axis=1), -1.0, 1.0))
+    limit = spec.half_width if spec.mode == "window" else SIGMA_CUT * spec.sigma
+    return angle > limit + 0.5 * math.sqrt(4 * math.pi / u.shape[0])
 
 
 def total_displacement(
@@ -278,5 +292,6 @@ __all__ = [
     "block_prior",
     "kernel_factors",
     "on_edge",
+    "outside_window",
     "total_displacement",
 ]

@@ -339,3 +339,23 @@ def test_check_frame_compares_with_a_global_search(case, frame, warns) -> None:
         execute(run, scheduler="sync", progress=False)
     messages = [str(c.message) for c in caught if "check-frame" in str(c.message)]
     assert bool(messages) == warns, messages
+
+
+def test_pose_prior_options_are_checked_before_any_work(ref_inputs) -> None:
+    """Refused while the run is described (before a cluster starts), naming the options."""
+    from cryolike_dask.pipeline.spec import LikelihoodOptions, RunConfigurationError
+
+    def build(**kw):
+        opts = LikelihoodOptions.parse(**kw)
+        return opts.build(ref_inputs["templates"], ref_inputs["images"], ref_inputs["params"], None)
+
+    with pytest.raises(RunConfigurationError, match="images hold no prior poses"):
+        build(pose_prior="window", window_degrees=10)  # CryoLike stacks carry no poses
+    with pytest.raises(RunConfigurationError, match="needs window_degrees"):
+        build(pose_prior="window")
+    with pytest.raises(RunConfigurationError, match="sigma_degrees belong"):
+        build(pose_prior="window", window_degrees=10, sigma_degrees=3)
+    with pytest.raises(RunConfigurationError, match="use_prior_origin needs a pose_prior"):
+        build(use_prior_origin=True)
+    with pytest.raises(RunConfigurationError, match="window_degrees"):
+        build(pose_prior="window", window_degrees=200)  # beyond 180
