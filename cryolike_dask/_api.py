@@ -173,7 +173,7 @@ def likelihood(
         A search around each image's prior pose (images converted with their poses):
         ``pose_prior`` (``"window"``, ``"gaussian"`` or ``"fixed"``), ``window_degrees``,
         ``window_shift_pixels``, ``sigma_degrees``, ``sigma_shift_angstrom``,
-        ``use_prior_origin``, ``pose_frame`` (``"map"``/``"model"``), as the CLI's
+        ``use_prior_origin``, ``pose_frame`` (``"auto"``/``"map"``/``"model"``), as the CLI's
         ``likelihood`` flags (docs/pipeline.md, "Searches around prior poses"). The
         dataset then also holds ``optimal_pose_on_window_edge`` and ``evaluated_poses``.
 

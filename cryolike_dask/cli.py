@@ -212,10 +212,11 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
     )
     lp.add_argument(
         "--pose-frame",
-        choices=["map", "model"],
-        default="map",
-        help="the structures' frame: templates made from MRC maps (default) or from atomic "
-        "models, in the frame of the model that the poses refer to",
+        choices=["auto", "map", "model"],
+        default="auto",
+        help="the structures' frame: templates made from MRC maps or from atomic models, in "
+        "the frame of the map or model that the poses refer to (default auto: what "
+        "make-templates read; map for CryoLike template files)",
     )
     lp.add_argument(
         "--check-frame",

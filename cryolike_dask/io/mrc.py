@@ -11,6 +11,9 @@ import numpy as np
 
 from cryolike_dask.errors import CryoLikeDaskError
 
+#: Extensions of the MRC maps that ``make-templates`` projects.
+MAP_SUFFIXES = (".mrc", ".map", ".mrcs")
+
 
 class MrcFileError(CryoLikeDaskError):
     """An MRC file is missing, unreadable, or not of the expected kind."""

@@ -17,6 +17,8 @@ import numpy as np
 from cryolike_dask.errors import StructureIndexError
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io import cryolike as cl
+from cryolike_dask.io.models import MODEL_SUFFIXES
+from cryolike_dask.io.mrc import MAP_SUFFIXES
 from cryolike_dask.io.poses import PriorPoses
 from cryolike_dask.io.zarr_stores import (
     LENS_FIELDS,
@@ -310,6 +312,11 @@ class TemplateSource:
     def fingerprint(self, structure: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def structure_kind(self, structure: int) -> str | None:
+        """``"map"`` or ``"model"``: what the structure's templates were projected from (by
+        the source file's extension), None when the source does not say."""
+        return None
+
     def check_headers(self, structures: tuple[int, ...] | None = None) -> None:
         """Check the structures' headers (shapes, dtypes, counts) without reading the data;
         raises a :class:`CryoLikeDaskError` naming the file and what was expected."""
@@ -438,6 +445,13 @@ class ZarrTemplates(TemplateSource):
     def viewing_angles(self, structure: int) -> ViewingAngles:
         self.check_structure(structure)
         return self._store().viewing_angles(structure)
+
+    def structure_kind(self, structure: int) -> str | None:
+        self.check_structure(structure)
+        suffix = Path(self._store().source(structure)).suffix.lower()
+        if suffix in MODEL_SUFFIXES:
+            return "model"
+        return "map" if suffix in MAP_SUFFIXES else None
 
     def fingerprint(self, structure: int) -> dict[str, Any]:
         return {

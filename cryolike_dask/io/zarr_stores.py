@@ -454,6 +454,10 @@ class TemplateStore:
     def n_templates(self, structure: int) -> int:
         return int(self.templates(structure).shape[0])
 
+    def source(self, structure: int) -> str:
+        """The file a structure's templates were made from (as ``make-templates`` read it)."""
+        return str(self._sub(structure).attrs.get("source", ""))
+
     def viewing_angles(self, structure: int) -> ViewingAngles:
         sub = self._sub(structure)
         return ViewingAngles(

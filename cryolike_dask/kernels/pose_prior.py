@@ -331,6 +331,20 @@ def on_edge(
     return edge
 
 
+def allowed_directions(
+    q: np.ndarray, r: np.ndarray, limit_rad: float, slack_rad: float = 0.0
+) -> np.ndarray:
+    """bool ``[m, S]``: templates ``r`` (``[S, 3, 3]``) whose projection direction lies within
+    ``limit_rad`` (+ ``slack_rad``) of the priors' ``q`` (``[m, 3, 3]``), the nearest one
+    always (within ``slack_rad`` of the smallest angle). A direction test only: one
+    ``[m, 3] @ [3, S]`` product, no in-plane phase (cheaper than :func:`relative_pose`)."""
+    qz = np.asarray(q, dtype=np.float64).reshape(-1, 3, 3)[:, :, 2]
+    rz = np.asarray(r, dtype=np.float64).reshape(-1, 3, 3)[:, :, 2]
+    angle = np.arccos(np.clip(qz @ rz.T, -1.0, 1.0))
+    nearest = np.min(angle, axis=1, keepdims=True)
+    return (angle <= float(limit_rad) + slack_rad) | (angle <= nearest + slack_rad)
+
+
 def block_pairs(
     allowed: np.ndarray | PriorFactors,
     template_ranges: Sequence[tuple[int, int]],

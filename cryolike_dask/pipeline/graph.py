@@ -107,6 +107,10 @@ def _kernel(settings, templates, structure, t0, t1, block) -> Any:
     return tasks.correlate_task(settings, templates, structure, t0, t1, block)
 
 
+def _nothing_allowed(settings, n_m: int, n_s: int) -> Any:
+    return tasks.nothing_allowed(settings, n_m, n_s)
+
+
 def _reduce_kernels(results: list, t_starts: tuple[int, ...], n_d: int, n_w: int) -> np.ndarray:
     """Packed partial ``[m, 3]`` of several kernel results (template offsets ``t_starts``)."""
     packed = [tasks.partial_of(r, t0, n_d, n_w) for r, t0 in zip(results, t_starts, strict=True)]
@@ -212,18 +216,29 @@ def build_batch_graph(
         }
         deps[block] = {load}
     on_device = {"resources": kernel_resources} if kernel_resources else None
-    layers[kern] = MaterializedLayer(
-        {
-            (kern, t, i): (_kernel, settings, templates, structure, t0, t1, (block, i))
-            for t, (t0, t1) in enumerate(template_ranges)
-            for i in range(n_i)
-        },
-        annotations=on_device,
-    )
+    # a search around prior poses computes only the pairs some image's window reaches; the
+    # others are left out (or, where per-template outputs need every pair, a task that makes
+    # the empty result without loading anything)
+    pairs = np.ones((n_t, n_i), dtype=bool)
+    if settings.pose_prior is not None:
+        pairs = tasks.pose_block_pairs(
+            settings, templates, structure, images, image_ranges, template_ranges
+        )
+        pairs[0, ~pairs.any(axis=0)] = True  # (never: each image keeps its nearest template)
+    kernel_layer: dict = {}
+    for t, (t0, t1) in enumerate(template_ranges):
+        for i, (a, b) in enumerate(image_ranges):
+            if pairs[t, i]:
+                kernel_layer[(kern, t, i)] = (
+                    _kernel, settings, templates, structure, t0, t1, (block, i)
+                )  # fmt: skip
+            elif request.per_template or request.full:
+                kernel_layer[(kern, t, i)] = (_nothing_allowed, settings, b - a, t1 - t0)
+    layers[kern] = MaterializedLayer(kernel_layer, annotations=on_device)
     deps[kern] = {block}
     n_d, n_w = settings.n_displacements, settings.parameters.n_inplanes
     if request.needs_reduction:
-        _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, split_every)
+        _reduction_layers(names, layers, deps, key, template_ranges, pairs, n_d, n_w, split_every)
     if request.optimal_likelihood:
         opt, red = key("optimal-ll"), names["reduced"]
         names["optimal_ll"] = opt
@@ -237,24 +252,36 @@ def build_batch_graph(
         deps[opt] = {block, red}
     graph = HighLevelGraph(layers, deps)
     return BatchGraph(
-        n_i * n_t, kern, graph, names, image_ranges, template_ranges, settings, structure, request
+        len(kernel_layer),
+        kern,
+        graph,
+        names,
+        image_ranges,
+        template_ranges,
+        settings,
+        structure,
+        request,
     )
 
 
-def _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, split_every):
-    """``best-pose[i, 0]``: the packed partial over every template block of image block
-    ``i``; the leaves reduce up to ``split_every`` kernel results each, upper levels combine
+def _reduction_layers(names, layers, deps, key, template_ranges, pairs, n_d, n_w, split_every):
+    """``best-pose[i, 0]``: the packed partial over the template blocks of image block ``i``
+    that the graph computes (``pairs [n_t, n_i]``, every one for a global search); the
+    leaves reduce up to ``split_every`` kernel results each, upper levels combine
     ``split_every`` partials, so one task per block when ``n_t ≤ split_every``."""
     kern, final = names["kernel"], names["reduced"]
-    n_t = len(template_ranges)
-    groups = [list(range(a, min(n_t, a + split_every))) for a in range(0, n_t, split_every)]
-    level, below = 0, kern
-    while True:
-        last = len(groups) == 1
-        name = final if last else f"{final}-level{level}"
-        layer = {}
-        for g, members in enumerate(groups):
-            for i in range(n_i):
+    levels: list[dict] = []
+    for i in range(pairs.shape[1]):
+        present = [int(t) for t in np.flatnonzero(pairs[:, i])]
+        groups = [present[a : a + split_every] for a in range(0, len(present), split_every)]
+        level, below = 0, kern
+        while True:
+            last = len(groups) == 1
+            if not last and len(levels) <= level:
+                levels.append({})
+            layer = layers.setdefault(final, {}) if last else levels[level]
+            name = final if last else f"{final}-level{level}"
+            for g, members in enumerate(groups):
                 out_key = (name, i, 0) if last else (name, g, i)
                 if level == 0:
                     starts = tuple(template_ranges[t][0] for t in members)
@@ -262,15 +289,20 @@ def _reduction_layers(names, layers, deps, key, template_ranges, n_i, n_d, n_w, 
                     layer[out_key] = (_reduce_kernels, inputs, starts, n_d, n_w)
                 else:
                     layer[out_key] = (_combine, [(below, t, i) for t in members])
+            if last:
+                break
+            n_groups = len(groups)
+            groups = [
+                list(range(a, min(n_groups, a + split_every)))
+                for a in range(0, n_groups, split_every)
+            ]
+            below, level = name, level + 1
+    for level, layer in enumerate(levels):
+        name = f"{final}-level{level}"
         layers[name] = _finishing(layer)
-        deps[name] = {below}
-        if last:
-            return
-        n_groups = len(groups)
-        groups = [
-            list(range(a, min(n_groups, a + split_every))) for a in range(0, n_groups, split_every)
-        ]
-        below, level = name, level + 1
+        deps[name] = {kern if level == 0 else f"{final}-level{level - 1}"}
+    layers[final] = _finishing(layers[final])
+    deps[final] = {kern} | {f"{final}-level{level}" for level in range(len(levels))}
 
 
 def _lazy_outputs(

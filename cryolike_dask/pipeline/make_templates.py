@@ -25,7 +25,7 @@ import numpy as np
 from cryolike_dask.errors import CryoLikeDaskError, OutputExistsError
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io.models import MODEL_SUFFIXES, read_atoms
-from cryolike_dask.io.mrc import mrc_info, read_volume
+from cryolike_dask.io.mrc import MAP_SUFFIXES, mrc_info, read_volume
 from cryolike_dask.io.torch_files import save_tensor
 from cryolike_dask.io.zarr_stores import TemplateStore
 from cryolike_dask.params.image import ImageParameters
@@ -39,7 +39,6 @@ from cryolike_dask.preprocess.templates import (
 
 logger = logging.getLogger(__name__)
 
-MAP_SUFFIXES = (".mrc", ".map", ".mrcs")
 #: Relative tolerance when comparing a map's box (voxels × voxel size) with the image box.
 BOX_TOLERANCE = 1e-3
 

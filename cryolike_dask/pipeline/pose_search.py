@@ -24,6 +24,7 @@ per image, so the integrated likelihood stays a marginal comparable across struc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -221,6 +222,43 @@ def block_prior(
     return BlockPrior(q, known, psi_known, offset, direction, phase, kappa, f.n_poses)
 
 
+#: Slack of :func:`block_pairs`' direction test (rad): a pair the kernel might compute is
+#: never left out for a rounding difference; a pair kept in excess returns at once.
+PAIR_SLACK = 1e-6
+
+
+def block_pairs(
+    spec: PosePriorSpec,
+    poses: Any,
+    azimuth: np.ndarray,
+    polar: np.ndarray,
+    template_ranges: Sequence[tuple[int, int]],
+    image_ranges: Sequence[tuple[int, int]],
+) -> np.ndarray:
+    """bool ``[n_template_blocks, n_image_blocks]``: the (template block, image block) pairs
+    that hold a template some image's prior lets it take (the graph builds only these).
+
+    ``poses``: the :class:`~cryolike_dask.io.poses.PriorPoses` of the images that
+    ``image_ranges`` index (``(start, stop)`` relative to ``poses``); ``azimuth``/``polar``
+    ``[S]`` rad. A direction test only (``[m, 3] @ [3, S]``), no rotation or displacement
+    factor: a template is allowed within the window (or the 3σ cut), the one nearest the
+    prior always (as in :func:`block_prior`), every template for an image without a prior
+    direction; with :data:`PAIR_SLACK` to spare.
+    """
+    known = np.asarray(poses.has_angles, dtype=bool)
+    rot = np.where(known, poses.rot, 0.0)
+    tilt = np.where(known, poses.tilt, 0.0)
+    psi = np.where(known & np.isfinite(poses.psi), poses.psi, 0.0)
+    q = pp.template_frame(pp.relion_matrices(rot, tilt, psi), spec.frame)
+    if spec.mode == "fixed":
+        limit = -math.inf
+    else:
+        limit = spec.half_width if spec.mode == "window" else SIGMA_CUT * spec.sigma
+    allowed = pp.allowed_directions(q, pp.template_rotations(azimuth, polar), limit, PAIR_SLACK)
+    allowed[~known] = True
+    return pp.block_pairs(allowed, template_ranges, image_ranges)
+
+
 def kernel_factors(
     spec: PosePriorSpec,
     prior: BlockPrior,
@@ -289,6 +327,7 @@ __all__ = [
     "SIGMA_CUT",
     "BlockPrior",
     "PosePriorSpec",
+    "block_pairs",
     "block_prior",
     "kernel_factors",
     "on_edge",

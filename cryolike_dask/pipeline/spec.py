@@ -10,6 +10,7 @@ What can be computed is the table :data:`cryolike_dask.io.outputs.OUTPUTS`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from cryolike_dask.params.image import ImageParameters
 from cryolike_dask.pipeline.plan import MAX_TASKS_PER_GRAPH
 from cryolike_dask.pipeline.pose_search import PosePriorSpec
 from cryolike_dask.precision import Precision
+
+logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "gpu"]
 PrecisionName = Literal["single", "double"]
@@ -332,7 +335,9 @@ class LikelihoodOptions(BaseModel):
     sigma_degrees: float | None = Field(None, gt=0)
     sigma_shift_angstrom: float | None = Field(None, gt=0)
     use_prior_origin: bool = False
-    pose_frame: Literal["map", "model"] = "map"
+    #: The structures' frame: ``auto`` reads what each structure's templates were made from
+    #: (``make-templates`` records the map or model file).
+    pose_frame: Literal["auto", "map", "model"] = "auto"
     #: With ``pose_prior``: compare with a global search on this many images (0: off).
     check_frame: int = Field(0, ge=0)
 
@@ -367,9 +372,12 @@ class LikelihoodOptions(BaseModel):
             pixel_size,
         )
 
-    def pose_prior_spec(self, pixel_size: float) -> PosePriorSpec | None:
+    def pose_prior_spec(
+        self, pixel_size: float, frame: Literal["map", "model"] | None = None
+    ) -> PosePriorSpec | None:
         """The run's :class:`PosePriorSpec` (``None`` for the global search); options that
-        do not go together are refused naming them."""
+        do not go together are refused naming them. ``frame``: the structures' frame where
+        ``pose_frame`` is ``auto`` (default ``map``)."""
         local = {
             "window_degrees": self.window_degrees,
             "window_shift_pixels": self.window_shift_pixels,
@@ -404,7 +412,7 @@ class LikelihoodOptions(BaseModel):
             sigma=math.radians(self.sigma_degrees or 180.0),
             shift_sigma=self.sigma_shift_angstrom,
             use_origin=self.use_prior_origin,
-            frame=self.pose_frame,
+            frame=(frame or "map") if self.pose_frame == "auto" else self.pose_frame,
         )
 
     def check_search(self, params: ImageParameters) -> DisplacementGrid:
@@ -441,7 +449,10 @@ class LikelihoodOptions(BaseModel):
             else tuple(int(k) for k in self.structures)
         )
         self.check_search(params)
-        prior = self.pose_prior_spec(params.pixel_size[0])
+        frame = None
+        if self.pose_prior is not None and self.pose_frame == "auto":
+            frame = structure_frame(templates, structures)
+        prior = self.pose_prior_spec(params.pixel_size[0], frame)
         grid = self.displacements(params.pixel_size[0])
         if prior is not None:
             grid = prior.restrict(grid)
@@ -474,6 +485,34 @@ class LikelihoodOptions(BaseModel):
         return run
 
 
+def structure_frame(
+    templates: TemplateSource, structures: tuple[int, ...]
+) -> Literal["map", "model"]:
+    """The frame of the structures' prior poses (``pose_frame`` ``auto``): ``map`` for
+    templates projected from MRC maps, ``model`` for atomic models, by the files
+    ``make-templates`` read; ``map`` (logged) when the templates do not say (CryoLike
+    template files). Structures of both kinds in one run are refused: give ``pose_frame``."""
+    kinds = {templates.structure_kind(k) for k in structures}
+    known = kinds - {None}
+    if len(known) > 1:
+        names = ", ".join(
+            f"{templates.names[k]} ({templates.structure_kind(k)})" for k in structures
+        )
+        raise RunConfigurationError(
+            f"pose_frame auto: the structures come from maps and from atomic models ({names}); "
+            "search them in separate runs or give pose_frame (--pose-frame map|model)"
+        )
+    if not known:
+        logger.info(
+            "pose frame: map (the templates do not say whether they were made from a map or "
+            "an atomic model; give --pose-frame model for a model)"
+        )
+        return "map"
+    frame = known.pop()
+    logger.info("pose frame: %s (the templates were made from %ss)", frame, frame)
+    return frame  # type: ignore[return-value]
+
+
 __all__ = [
     "DEVICES",
     "InputDataError",
@@ -485,5 +524,6 @@ __all__ = [
     "check_writable",
     "fingerprint",
     "resolve_precision",
+    "structure_frame",
     "validate",
 ]

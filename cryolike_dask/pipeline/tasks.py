@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 
 from cryolike_dask.errors import write_error
 from cryolike_dask.io.outputs import BY_NAME
+from cryolike_dask.io.poses import PriorPoses
 from cryolike_dask.io.sources import ImageSource, TemplateSource
 from cryolike_dask.kernels import (
     BlockOutputs,
@@ -289,6 +291,39 @@ def load_image_block(source: ImageSource, start: int, stop: int) -> ImageBlock:
     return ImageBlock(start, stop, images, lens, getattr(source, "convention", "cryolike"), key)
 
 
+def pose_block_pairs(
+    settings: KernelSettings,
+    templates: TemplateSource,
+    structure: int,
+    source: ImageSource,
+    image_ranges: Sequence[tuple[int, int]],
+    template_ranges: Sequence[tuple[int, int]],
+) -> np.ndarray:
+    """bool ``[n_template_blocks, n_image_blocks]``: the pairs a search around prior poses
+    computes (:func:`~.pose_search.block_pairs`; the images' priors read from ``source``,
+    a few numbers per image). Images without a stored pose keep every pair; the prior task
+    refuses them."""
+    spec = settings.pose_prior
+    assert spec is not None
+    parts, ranges, n = [], [], 0
+    for a, b in image_ranges:
+        poses = source.prior_poses(a, b)
+        if poses is None:
+            return np.ones((len(template_ranges), len(image_ranges)), dtype=bool)
+        parts.append(poses)
+        ranges.append((n, n + (b - a)))
+        n += b - a
+    angles = templates.viewing_angles(structure)
+    return pose_search.block_pairs(
+        spec,
+        PriorPoses.concat(parts),
+        np.asarray(angles.azimus, np.float64),
+        np.asarray(angles.polars, np.float64),
+        template_ranges,
+        ranges,
+    )
+
+
 def apply_pose_prior(
     settings: KernelSettings,
     templates: TemplateSource,
@@ -460,7 +495,7 @@ def correlate_task(
         )
         if not factors.pairs.any():  # no image of the block may take these templates
             _STATS["pairs_skipped"] += 1
-            return _nothing_allowed(settings, block.n_images, t1 - t0)
+            return nothing_allowed(settings, block.n_images, t1 - t0)
     pi = _prepared_images(settings, block)  # first: another thread may be preparing templates
     pt = _prepared_templates(settings, templates, structure, t0, t1)
     log_prior = None
@@ -503,7 +538,7 @@ def correlate_task(
     return BlockResult(*(None if v is None else to_host(v) for v in result.__dict__.values()))
 
 
-def _nothing_allowed(settings: KernelSettings, n_m: int, n_s: int) -> BlockResult:
+def nothing_allowed(settings: KernelSettings, n_m: int, n_s: int) -> BlockResult:
     """The result of a block pair whose every pose the prior excludes (``-inf`` scores and
     likelihoods), without computing anything."""
     rdt = Precision.parse(settings.precision).resolve().real_dtype

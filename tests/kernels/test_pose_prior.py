@@ -140,3 +140,25 @@ def test_on_edge_and_misc() -> None:
     c, s = np.cos(0.7), np.sin(0.7)
     assert np.allclose(np.array([[c, s], [-s, c]]) @ d[0], p[0])  # Rot(-γ) d = p
     assert pp.wrap_angle(-np.pi) == np.pi
+
+
+def test_allowed_directions_against_scipy_angles() -> None:
+    """The direction-only test: templates within the limit of each prior's projection
+    direction (angles between the rotations' third columns, from SciPy), plus the nearest."""
+    rng = np.random.default_rng(4)
+    q = Rotation.random(30, random_state=rng).as_matrix()
+    r = Rotation.random(200, random_state=rng).as_matrix()
+    limit = np.radians(25.0)
+    got = pp.allowed_directions(q, r, limit)
+    cos = np.einsum("mi,si->ms", q[:, :, 2], r[:, :, 2])
+    angle = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+    want = angle <= 25.0
+    want[np.arange(30), np.argmin(angle, axis=1)] = True
+    np.testing.assert_array_equal(got, want)
+    # a limit below every angle keeps only the nearest template; slack widens the test
+    only = pp.allowed_directions(q, r, -np.inf)
+    assert np.all(only.sum(axis=1) == 1)
+    assert np.all(pp.allowed_directions(q, r, limit, 0.1) >= got)
+    # the kernel's own direction angle (relative_pose) gives the same window
+    direction, _ = pp.relative_pose(q, r)
+    np.testing.assert_allclose(np.degrees(direction), angle, atol=1e-6)

@@ -98,13 +98,48 @@ def case(tmp_path_factory, data_dir):
     star = _star(tmp / "particles.star", lens, eul, ox, oy)
     particles = cp.gather_paired([tmp / "particles.mrcs"], [star], batch_size=16, sort_by_pose=True)
     store = cp.convert_particles(particles, params, tmp / "particles", cluster=SYNC, progress=False)
-    return dict(tmp=tmp, params=params, store=store, poses=poses, offset=offset)
+    cs = _cs(tmp / "particles.cs", "particles.mrcs", lens, eul, ox, oy, PIXEL)
+    from_cs = cp.gather_cs(cs, tmp, batch_size=16, sort_by_pose=True)
+    cs_store = cp.convert_particles(from_cs, params, tmp / "cs", cluster=SYNC, progress=False)
+    return dict(
+        tmp=tmp, params=params, store=store, cs_store=cs_store, poses=poses, offset=offset,
+        euler=eul,
+    )  # fmt: skip
 
 
-def _run(case, name, displacements, prior=None, request=None):
+def _cs(path: Path, mrcs: str, lens: LensParameters, eul: np.ndarray, ox, oy, pixel) -> Path:
+    """A cryoSPARC particle file: ``alignments3D/pose`` the rotation vector of RELION's
+    rotation (SciPy), ``alignments3D/shift`` RELION's origin in pixels."""
+    m = eul.shape[0]
+    dtype = [
+        ("uid", "<u8"), ("blob/path", "S64"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+        ("blob/psize_A", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+        ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
+        ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"),
+        ("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
+        ("alignments3D/psize_A", "<f4"),
+    ]  # fmt: skip
+    rec = np.zeros(m, dtype=dtype)
+    rec["uid"] = np.arange(m) + 1000
+    rec["blob/path"] = mrcs.encode()
+    rec["blob/idx"] = np.arange(m)
+    rec["blob/shape"] = N
+    rec["blob/psize_A"] = pixel
+    rec["ctf/accel_kv"], rec["ctf/cs_mm"], rec["ctf/amp_contrast"] = 300.0, 2.7, 0.1
+    rec["ctf/df1_A"], rec["ctf/df2_A"] = lens.defocus_u, lens.defocus_v
+    rec["ctf/df_angle_rad"] = lens.defocus_angle
+    rec["alignments3D/pose"] = Rotation.from_euler("ZYZ", eul, degrees=True).as_rotvec()
+    rec["alignments3D/shift"] = np.stack([ox, oy], 1) / pixel
+    rec["alignments3D/psize_A"] = pixel
+    with open(path, "wb") as f:
+        np.save(f, rec)
+    return path
+
+
+def _run(case, name, displacements, prior=None, request=None, store="store"):
     run = LikelihoodRun(
         ZarrTemplates.open(case["tmp"] / "templates" / "templates.zarr"),
-        ZarrImages.open(case["store"]),
+        ZarrImages.open(case[store]),
         case["tmp"] / name,
         (0,),
         prior.restrict(displacements) if prior is not None else displacements,
@@ -176,6 +211,40 @@ def test_local_search_finds_the_global_best_pose(case) -> None:
     assert np.all(shift[same] <= PIXEL / 2), shift[same]  # measured: max 1.1 Å
     n_global = 96 * 25 * W
     assert np.all(local["evaluated_poses"] < 0.05 * n_global), local["evaluated_poses"].max()
+
+
+def test_cryosparc_poses_give_the_same_local_search(case) -> None:
+    """The same particles described by a ``.cs`` file (rotation vectors and pixel shifts
+    written by SciPy from the RELION poses): the stored priors are the STAR file's rotations
+    and origins, and the local search finds the global search's best template and rotation."""
+    from cryolike_dask.io.zarr_stores import ImageStore
+
+    star = ImageStore.open(case["store"]).prior_poses()
+    cs = ImageStore.open(case["cs_store"]).prior_poses()
+    assert (cs.source, star.source) == ("cryosparc", "star-refined")
+    np.testing.assert_allclose(cs.rotations().as_matrix(), star.rotations().as_matrix(), atol=1e-6)
+    np.testing.assert_allclose(cs.origin_x, star.origin_x, atol=1e-5)
+    np.testing.assert_allclose(cs.origin_y, star.origin_y, atol=1e-5)
+
+    grid = DisplacementGrid.from_search(2, 5, 5, PIXEL)
+    glob = _run(case, "global-cs", grid, store="cs_store")
+    spec = PosePriorSpec(
+        "window", half_width=math.radians(30), shift_radius=1.5 * PIXEL, use_origin=True,
+        frame="model",
+    )  # fmt: skip
+    local = _run(case, "local-cs", grid, spec, store="cs_store")
+    same = (local["optimal_template"] == glob["optimal_template"]) & np.isclose(
+        local["optimal_inplane_rotation"], glob["optimal_inplane_rotation"]
+    )
+    assert same.mean() >= 0.85, same.mean()
+    # and the same numbers as the search on the STAR file's particles (same images and poses,
+    # float32 in the .cs file)
+    from_star = _run(case, "local-star", grid, spec)
+    agree = local["optimal_template"] == from_star["optimal_template"]
+    assert agree.mean() >= 0.95, agree.mean()
+    np.testing.assert_allclose(
+        local["cross_correlation"][agree], from_star["cross_correlation"][agree], atol=1e-4
+    )
 
 
 def test_fixed_pose_equals_a_direct_likelihood(case) -> None:
@@ -359,3 +428,158 @@ def test_pose_prior_options_are_checked_before_any_work(ref_inputs) -> None:
         build(use_prior_origin=True)
     with pytest.raises(RunConfigurationError, match="window_degrees"):
         build(pose_prior="window", window_degrees=200)  # beyond 180
+
+
+def test_the_lazy_api_searches_around_the_priors(case) -> None:
+    """``cd.likelihood(..., pose_prior=...)``: the lazy dataset holds what the executor
+    writes for the same local search, with the pose-prior outputs."""
+    import dask
+
+    import cryolike_dask as cd
+
+    grid = DisplacementGrid.from_search(2, 5, 5, PIXEL)
+    spec = PosePriorSpec(
+        "window", half_width=math.radians(30), shift_radius=1.5 * PIXEL, use_origin=True,
+        frame="model",
+    )  # fmt: skip
+    ref = _run(case, "local-api-ref", grid, spec)
+    ds = cd.likelihood(
+        case["store"], case["tmp"] / "templates" / "templates.zarr",
+        max_displacement_pixels=2, n_displacements_x=5, n_displacements_y=5,
+        integrated_likelihood=True, pose_prior="window", window_degrees=30,
+        window_shift_pixels=1.5, use_prior_origin=True, pose_frame="model",
+    )  # fmt: skip
+    assert ds["cross_correlation"].chunks is not None  # lazy until computed
+    with dask.config.set(scheduler="sync"):
+        got = ds.compute()
+    for q in ("optimal_template", "evaluated_poses", "optimal_pose_on_window_edge"):
+        np.testing.assert_array_equal(got[q].values[0], ref[q], err_msg=q)
+    for q in QUANTITIES[1:5]:
+        np.testing.assert_allclose(got[q].values[0], ref[q], atol=1e-5, err_msg=q)
+    np.testing.assert_allclose(
+        got["cross_correlation"].values[0], ref["cross_correlation"], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        got["log_likelihood_integrated_fourier"].values[0],
+        ref["log_likelihood_integrated_fourier"],
+        rtol=1e-6,
+    )
+
+
+def test_the_graph_leaves_out_pairs_no_window_reaches(case) -> None:
+    """Only (template block, image block) pairs that some image's window reaches are built;
+    each image's allowed (image, template) pairs (the kernel's own test, from the full
+    relative pose) lie in built pairs; the results equal a graph that builds every pair."""
+    import dask
+
+    from cryolike_dask.kernels.pose_prior import block_pairs as pairs_of
+    from cryolike_dask.pipeline import tasks
+    from cryolike_dask.pipeline.graph import build_batch_graph
+    from cryolike_dask.pipeline.pose_search import block_prior, kernel_factors
+    from cryolike_dask.pipeline.tasks import BlockOutputs, KernelSettings
+
+    params = case["params"]
+    grid = DisplacementGrid.from_search(2, 5, 5, PIXEL)
+    spec = PosePriorSpec(
+        "window", half_width=math.radians(30), shift_radius=1.5 * PIXEL, use_origin=True,
+        frame="model",
+    )  # fmt: skip
+    kept = spec.restrict(grid)
+    settings = KernelSettings(
+        params, tuple(zip(kept.x.tolist(), kept.y.tolist(), strict=True)), "single", "cpu",
+        BlockOutputs(integrated_likelihood=True), pose_prior=spec,
+    )  # fmt: skip
+    templates = ZarrTemplates.open(case["tmp"] / "templates" / "templates.zarr")
+    images = ZarrImages.open(case["store"])
+    i_ranges = [(a, min(40, a + 8)) for a in range(0, 40, 8)]
+    t_ranges = [(a, min(96, a + 8)) for a in range(0, 96, 8)]
+    request = OutputRequest(integrated=True, pose_prior=True)
+    g = build_batch_graph(settings, templates, 0, images, i_ranges, t_ranges, request)
+    assert g.n_kernel_tasks < 0.7 * len(i_ranges) * len(t_ranges), g.n_kernel_tasks
+
+    # the kernel's own allowed pairs, from the full prior of all 40 images at once
+    angles = templates.viewing_angles(0)
+    az, po = np.asarray(angles.azimus, float), np.asarray(angles.polars, float)
+    d = settings.displacement_array.astype(float)
+    theta = params.polar_grid.theta
+    prior = block_prior(spec, images.prior_poses(0, 40), az, po,
+                        np.asarray(angles.log_normalized_weights, float), theta, d)  # fmt: skip
+    needed = pairs_of(kernel_factors(spec, prior, 0, 96, theta, d), t_ranges, i_ranges)
+    built = np.zeros_like(needed)
+    for key in g.graph.layers[g.kernel_name]:
+        built[key[1], key[2]] = True
+    assert needed.any(axis=0).all()
+    assert np.all(built[needed]), "a pair with allowed poses was left out"
+
+    # every pair built (the kernel skips the empty ones itself): the same numbers
+    every = np.ones_like(needed)
+    original = tasks.pose_block_pairs
+    try:
+        tasks.pose_block_pairs = lambda *a, **k: every.copy()
+        g_all = build_batch_graph(settings, templates, 0, images, i_ranges, t_ranges, request)
+    finally:
+        tasks.pose_block_pairs = original
+    assert g_all.n_kernel_tasks == every.size
+    with dask.config.set(scheduler="sync"):
+        got, ref = dask.compute(g.outputs, g_all.outputs)
+    for q in (*QUANTITIES, "evaluated_poses", "optimal_pose_on_window_edge"):
+        np.testing.assert_array_equal(got[q], ref[q], err_msg=q)
+
+
+def test_per_template_outputs_of_a_local_search(case) -> None:
+    """Per-template outputs need every pair: the left-out ones give −inf (no allowed pose),
+    the others the best over the window, whose maximum is the optimal pose's score."""
+    grid = DisplacementGrid.from_search(2, 5, 5, PIXEL)
+    spec = PosePriorSpec(
+        "window", half_width=math.radians(30), shift_radius=1.5 * PIXEL, use_origin=True,
+        frame="model",
+    )  # fmt: skip
+    request = OutputRequest(integrated=True, per_template=True, pose_prior=True)
+    run = LikelihoodRun(
+        ZarrTemplates.open(case["tmp"] / "templates" / "templates.zarr"),
+        ZarrImages.open(case["store"]),
+        case["tmp"] / "per-template",
+        (0,),
+        spec.restrict(grid),
+        request,
+        pose_prior=spec,
+        templates_per_block=8,
+        images_per_block=8,
+    )
+    execute(run, scheduler="sync", progress=False)
+    g = ResultsStore.open(case["tmp"] / "per-template" / "results.zarr", mode="r").group
+    per = np.asarray(g["structure_0/per_template/cross_correlation"])  # [M, S]
+    best = np.asarray(g["cross_correlation"][0])
+    assert per.shape == (40, 96)
+    allowed = np.isfinite(per)
+    assert allowed.any(axis=1).all() and (~allowed).mean() > 0.5  # most templates excluded
+    np.testing.assert_allclose(np.max(per, axis=1), best, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.argmax(per, axis=1), g["optimal_template"][0])
+
+
+def test_the_pose_frame_is_read_from_the_templates(case, ref_inputs) -> None:
+    """``pose_frame`` auto (the default): ``model`` for templates made from an atomic model,
+    ``map`` for CryoLike template files (which do not say); structures of both kinds in one
+    run are refused naming them."""
+    from cryolike_dask.pipeline.spec import LikelihoodOptions, RunConfigurationError
+
+    local = dict(pose_prior="window", window_degrees=30, use_prior_origin=True)
+    templates = ZarrTemplates.open(case["tmp"] / "templates" / "templates.zarr")
+    assert templates.structure_kind(0) == "model"
+    run = LikelihoodOptions.parse(**local).build(
+        templates, ZarrImages.open(case["store"]), case["params"], None
+    )
+    assert run.pose_prior.frame == "model"
+    given = LikelihoodOptions.parse(**local, pose_frame="map").build(
+        templates, ZarrImages.open(case["store"]), case["params"], None
+    )
+    assert given.pose_prior.frame == "map"
+    assert ref_inputs["templates"].structure_kind(0) is None  # CryoLike's files: map
+    from types import SimpleNamespace
+
+    from cryolike_dask.pipeline.spec import structure_frame
+
+    mixed = SimpleNamespace(names=("a", "b"), structure_kind=lambda k: ("model", "map")[k])
+    with pytest.raises(RunConfigurationError, match=r"a \(model\), b \(map\)"):
+        structure_frame(mixed, (0, 1))
+    assert structure_frame(mixed, (1,)) == "map"
