@@ -200,6 +200,18 @@ def irfft(
     return fft_module(xp).irfft(x, n=n, axis=axis, norm="forward", **fft_kwargs(xp, workers))
 
 
+def eigh(xp: ModuleType, a: Any) -> tuple[Any, Any]:
+    """Eigenvalues (ascending) and eigenvectors of Hermitian ``a [..., n, n]``, on ``a``'s device.
+
+    Solved on the host with NumPy/LAPACK: the matrices it is used for are small (``n`` is
+    the number of shells), so the transfer costs less than a device solver's launches.
+    """
+    values, vectors = np.linalg.eigh(to_host(a))
+    if xp is np:
+        return values, vectors
+    return xp.asarray(values), xp.asarray(vectors)
+
+
 def run_ranges(fn: Any, n_items: int, workers: int | None) -> None:
     """Call ``fn(lo, hi)`` on contiguous ranges covering ``range(n_items)``, on host threads.
 

@@ -20,8 +20,8 @@ per image block, then :func:`correlate_block`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,16 @@ from cryolike_dask.kernels.backend import (
     irfft,
     matmul,
     run_ranges,
+)
+from cryolike_dask.kernels.compression import (
+    BAND_ORDERS,
+    SAFETY_FACTOR,
+    CompressedSpectrum,
+    CompressionStats,
+    compress_spectrum,
+    compressed_products,
+    image_norms,
+    image_side,
 )
 from cryolike_dask.kernels.fourier_bessel import n_orders
 from cryolike_dask.kernels.likelihood import LikelihoodConstants
@@ -58,13 +68,17 @@ class PreparedTemplates:
 
     Attributes
     ----------
-    spectrum : complex ``[Q, N, S·D]``
-        ``FFT_w(σ · T[s] · K[d])``, orders ``q = 0 … W/2``; column ``s·D + d``.
+    spectrum : complex ``[Q, N, S·D]`` or None
+        ``FFT_w(σ · T[s] · K[d])``, orders ``q = 0 … W/2``; column ``s·D + d``. ``None``
+        when the block is compressed.
     power_spectrum : complex ``[Q, N, S]``
         ``rFFT_w(ωI · |T[s]|²)`` (orthonormal), for the CTF-weighted template norms.
     mask_weighted : complex ``[S, N·W]``
         ``ωI · mask · T[s]``, for the overlap ``Isx`` with the constant image.
     n_templates, n_displacements, n_shells, n_inplanes : int
+    compressed : CompressedSpectrum or None
+        The bounded-error compressed spectrum (``prepare_templates(tolerance=...)``), in
+        place of ``spectrum``.
     """
 
     spectrum: Any
@@ -74,11 +88,13 @@ class PreparedTemplates:
     n_displacements: int
     n_shells: int
     n_inplanes: int
+    compressed: CompressedSpectrum | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the prepared arrays."""
-        return int(self.spectrum.nbytes + self.power_spectrum.nbytes + self.mask_weighted.nbytes)
+        main = self.spectrum.nbytes if self.spectrum is not None else self.compressed.nbytes
+        return int(main + self.power_spectrum.nbytes + self.mask_weighted.nbytes)
 
 
 @dataclass(frozen=True)
@@ -175,6 +191,9 @@ def prepare_templates(
     *,
     workers: int | None = None,
     work_bytes: int = DEFAULT_WORK_BYTES,
+    tolerance: float | None = None,
+    safety: float = SAFETY_FACTOR,
+    band: int = BAND_ORDERS,
 ) -> PreparedTemplates:
     """Prepare a block of templates for :func:`correlate_block`.
 
@@ -191,6 +210,16 @@ def prepare_templates(
         Threads for SciPy's FFT (NumPy arrays only).
     work_bytes : int
         Budget for temporaries; templates are processed in sub-batches that fit it.
+    tolerance : float, optional
+        Allowed error of the normalised cross-correlation: the spectrum is compressed to a
+        truncated basis per order (:mod:`~cryolike_dask.kernels.compression`), and
+        :func:`correlate_block` guarantees ``|cc − cc_exact| ≤ tolerance`` for every pose
+        (plus floating-point rounding), recomputing exactly the pairs its bound cannot
+        certify. ``None`` (default): the exact spectrum.
+    safety : float
+        ``β`` of the rank choice (``ρ_j ≤ β · tolerance · ‖X_j‖``); compressed blocks only.
+    band : int
+        Consecutive orders sharing one rank; compressed blocks only.
     """
     xp = array_module(templates)
     prec = Precision.parse(precision).resolve()
@@ -236,7 +265,27 @@ def prepare_templates(
 
     mask = xp.asarray(grid.mask).astype(rdt)
     mask_weighted = (t * (mask * weights[:, None])).reshape(n_s, n_n * n_w).astype(cdt)
-    return PreparedTemplates(spectrum, power_spectrum, mask_weighted, n_s, n_d, n_n, n_w)
+    if tolerance is None:
+        return PreparedTemplates(spectrum, power_spectrum, mask_weighted, n_s, n_d, n_n, n_w)
+    bands, bases, coefficients, residual = compress_spectrum(
+        spectrum, n_w, float(tolerance), safety=safety, band=band, workers=workers
+    )
+    del spectrum
+    compressed = CompressedSpectrum(
+        bands,
+        bases,
+        coefficients,
+        residual.reshape(n_s, n_d),
+        float(tolerance),
+        float(safety),
+        t,
+        kernel,
+        grid,
+        prec.value,
+    )
+    return PreparedTemplates(
+        None, power_spectrum, mask_weighted, n_s, n_d, n_n, n_w, compressed=compressed
+    )
 
 
 def _is_hermitian(x: Any, rtol: float = 1e-5) -> bool:
@@ -420,6 +469,8 @@ class BlockResult:
     cross_correlation_msdw : ``[M, S, D, W]`` or None
     cross_correlation_msw, displacement_index_msw : ``[M, S, W]`` or None
     cross_correlation_msd, rotation_index_msd : ``[M, S, D]`` or None
+    compression : CompressionStats or None
+        For compressed templates: the work kept, the error bound and the exact fallbacks.
     """
 
     best_cross_correlation: Any
@@ -433,6 +484,8 @@ class BlockResult:
     displacement_index_msw: Any = None
     cross_correlation_msd: Any = None
     rotation_index_msd: Any = None
+    #: set on the instance by :func:`_with_stats` (not a field: exact results are unchanged)
+    compression: ClassVar[CompressionStats | None] = None
 
 
 #: Images per GEMM when memory allows: thin GEMMs run far below the machine's peak.
@@ -453,9 +506,9 @@ def batch_sizes(
     grouped up to :data:`GEMM_IMAGES` for GEMM efficiency; templates are then chunked to fit.
     """
     n_d, n_w = templates.n_displacements, templates.n_inplanes
-    real = np.dtype(templates.spectrum.dtype).itemsize // 2
+    real = np.dtype(templates.power_spectrum.dtype).itemsize // 2
     # on the host the likelihood runs in cache-sized chunks (no second full tensor)
-    second = outputs.integrated_likelihood and array_module(templates.spectrum) is not np
+    second = outputs.integrated_likelihood and array_module(templates.power_spectrum) is not np
     per_pair = n_d * (n_orders(n_w) * 2 * real + n_w * real * (2 if second else 1))
     m = max(1, min(n_images, GEMM_IMAGES, work_bytes // max(per_pair, 1)))
     s = max(1, min(templates.n_templates, work_bytes // max(per_pair * m, 1)))
@@ -512,12 +565,16 @@ def correlate_block(
     ------
     NonFiniteCrossCorrelationError
         If any normalised cross-correlation is NaN (zero-norm template, image or CTF).
+
+    Compressed templates (``prepare_templates(tolerance=...)``) give every output from the
+    compressed products; each (image, template) pair whose error bound exceeds the
+    tolerance is recomputed exactly, and ``BlockResult.compression`` reports what was done.
     """
-    xp = array_module(templates.spectrum)
+    xp = array_module(templates.power_spectrum)
     n_m, n_s = images.n_images, templates.n_templates
     n_d, n_w = templates.n_displacements, templates.n_inplanes
-    rdt = np.empty(0, dtype=templates.spectrum.dtype).real.dtype
-    if images.spectrum.shape[0] != templates.spectrum.shape[0] or (
+    rdt = np.empty(0, dtype=templates.power_spectrum.dtype).real.dtype
+    if images.spectrum.shape[0] != templates.power_spectrum.shape[0] or (
         images.spectrum.shape[2] != templates.n_shells
     ):
         raise ValueError("images and templates were prepared for different polar grids")
@@ -548,12 +605,19 @@ def correlate_block(
         )
 
     m_step, s_step = batch_sizes(templates, n_m, outputs, work_bytes)
-    n_q = templates.spectrum.shape[0]
-    spectrum = templates.spectrum.reshape(n_q, templates.n_shells, n_s, n_d)
+    n_q = templates.power_spectrum.shape[0]
+    comp = templates.compressed
+    if comp is None:
+        spectrum = templates.spectrum.reshape(n_q, templates.n_shells, n_s, n_d)
+    else:  # the bound's factors: a_m per image, max_d ρ_{s,d} per template
+        a_m = image_norms(images.spectrum, n_w)
+        rho_s = xp.max(comp.residual, axis=1)
+        bound_ms = xp.empty((n_m, n_s), dtype=np.float64)
+    cdt = templates.power_spectrum.dtype
     # On the CPU the GEMM result and the correlation reuse one buffer each across steps (a
     # fresh 100 MB array costs its page faults every step); GPU memory pools do this already.
     reuse = xp is np
-    xq_buf = np.empty(n_q * m_step * s_step * n_d, templates.spectrum.dtype) if reuse else None
+    xq_buf = np.empty(n_q * m_step * s_step * n_d, cdt) if reuse else None
     x_buf = np.empty(m_step * s_step * n_d * n_w, rdt) if reuse else None
     # Isotropic CTF: Ixx does not depend on the rotation, so cc = X · (one positive factor per
     # image and template) - the arg-max is taken on X and only the best value is normalised
@@ -570,13 +634,25 @@ def correlate_block(
         ixx_all = irfft(xp, nq.transpose(1, 2, 0), n_w, axis=-1, workers=workers)
         ixx_all = ixx_all.astype(rdt, copy=False)  # [mb, S, W]
         del nq
+        if comp is not None:
+            # |Δcc| ≤ a_m ρ_{s,d} / sqrt(Ixx Iyy) (compression module), max over (d, w)
+            with _errstate(xp):
+                floor = xp.min(ixx_all, axis=-1).astype(np.float64) * iyy[:, None]
+                bound_ms[m0:m1] = a_m[m0:m1, None] * rho_s[None, :] / xp.sqrt(floor)
+            side = image_side(comp, images.spectrum[:, m0:m1, :], workers=workers)
         for s0 in range(0, n_s, s_step):
             s1 = min(n_s, s0 + s_step)
             sb = s1 - s0
-            # contraction over shells for every order q: one batched GEMM [Q, mb, N]@[Q, N, s·D]
-            b = spectrum[:, :, s0:s1, :].reshape(n_q, templates.n_shells, sb * n_d)
             xq_out = xq_buf[: n_q * mb * sb * n_d].reshape(n_q, mb, sb * n_d) if reuse else None
-            xq = matmul(xp, images.spectrum[:, m0:m1, :], b, out=xq_out, workers=workers)
+            if comp is None:
+                # contraction over shells for every order q: one batched GEMM
+                # [Q, mb, N] @ [Q, N, s·D]
+                b = spectrum[:, :, s0:s1, :].reshape(n_q, templates.n_shells, sb * n_d)
+                xq = matmul(xp, images.spectrum[:, m0:m1, :], b, out=xq_out, workers=workers)
+            else:  # (A_q U_q) C_q per band of orders
+                if xq_out is None:
+                    xq_out = xp.empty((n_q, mb, sb * n_d), dtype=cdt)
+                xq = compressed_products(comp, side, s0, s1, xq_out, workers=workers)
             x_out = x_buf[: mb * sb * n_d * n_w].reshape(mb, sb * n_d, n_w) if reuse else None
             x = irfft(xp, xq.transpose(1, 2, 0), n_w, axis=-1, out=x_out, workers=workers)
             del xq
@@ -659,6 +735,12 @@ def correlate_block(
     if prior is not None and ll_ms is not None:
         with _errstate(xp):
             ll_ms += prior.log_template
+    stats = None
+    if comp is not None:
+        outs = [best_ms, pose_ms, ll_ms, full, msw, msw_arg, msd, msd_arg]
+        stats = _exact_fallback(
+            templates, images, outputs, likelihood, prior, workers, work_bytes, bound_ms, outs
+        )
     # an image with no allowed pose in this block has -inf (a pose prior): not an error
     bad = ~xp.isfinite(best_ms) if prior is None else xp.isnan(best_ms) | (best_ms == np.inf)
     if bool(xp.any(bad)):
@@ -667,8 +749,115 @@ def correlate_block(
             f"cross-correlation is not finite for image {m_bad} and template {s_bad} of this "
             "block: a template, an image or a CTF has zero norm or non-finite values"
         )
-    return _block_result(
+    result = _block_result(
         best_ms, pose_ms, ll_ms, log_prior, n_d, n_w, full, msw, msw_arg, msd, msd_arg
+    )
+    return result if stats is None else _with_stats(result, stats)
+
+
+def _with_stats(result: BlockResult, stats: CompressionStats) -> BlockResult:
+    """``result`` with its :class:`CompressionStats` attached."""
+    object.__setattr__(result, "compression", stats)
+    return result
+
+
+#: Fraction of failing pairs above which the exact fallback recomputes the whole rectangle
+#: (failing images × failing templates) in one call instead of template by template.
+FALLBACK_RECTANGLE = 0.5
+
+
+def _take_images(images: PreparedImages, index: Any) -> PreparedImages:
+    """The prepared images ``index`` (a copy)."""
+    return PreparedImages(
+        images.spectrum[:, index],
+        images.ctf_power_spectrum[:, index],
+        images.ctf[index],
+        images.norms[index],
+        images.mask_overlap[index],
+        images.isotropic_ctf,
+    )
+
+
+def _exact_fallback(
+    templates: PreparedTemplates,
+    images: PreparedImages,
+    outputs: BlockOutputs,
+    likelihood: LikelihoodConstants | None,
+    prior: _BlockPrior | None,
+    workers: int | None,
+    work_bytes: int,
+    bound_ms: Any,
+    outs: list[Any],
+) -> CompressionStats:
+    """Recompute exactly, into ``outs``, the pairs whose bound exceeds the tolerance.
+
+    ``outs``: ``best_ms, pose_ms, ll_ms, full, msw, msw_arg, msd, msd_arg`` of the block
+    (``None`` for what is not computed); the exact spectra of the failing templates are
+    rebuilt from the raw templates and translation kernel.
+    """
+    comp = templates.compressed
+    assert comp is not None
+    xp = array_module(bound_ms)
+    tol = comp.tolerance
+    before = float(xp.max(xp.where(xp.isnan(bound_ms), 0.0, bound_ms))) if bound_ms.size else 0.0
+    fail = bound_ms > tol  # a NaN bound (zero norm) is reported by the non-finite check
+    n_fail = int(xp.sum(fail))
+    if n_fail:
+        s_fail = xp.nonzero(xp.any(fail, axis=0))[0]
+        exact = prepare_templates(
+            comp.templates[s_fail],
+            comp.translation,
+            comp.grid,
+            comp.precision,
+            workers=workers,
+            work_bytes=work_bytes,
+        )
+        m_any = xp.nonzero(xp.any(fail, axis=1))[0]
+        if n_fail >= FALLBACK_RECTANGLE * int(m_any.shape[0]) * int(s_fail.shape[0]):
+            groups = [(m_any, xp.arange(int(s_fail.shape[0])))]
+        else:
+            groups = [
+                (xp.nonzero(fail[:, s_fail[k]])[0], xp.arange(k, k + 1))
+                for k in range(int(s_fail.shape[0]))
+            ]
+        for m_idx, k_idx in groups:
+            s_idx = s_fail[k_idx]
+            sub_prior = None
+            if prior is not None:
+                rows, cols = m_idx[:, None], s_idx[None, :]
+                sub_prior = _BlockPrior(
+                    prior.log_template[rows, cols],
+                    prior.log_rotation[rows, cols],
+                    prior.weight_displacement,
+                    prior.excluded[rows, cols],
+                )
+            sub = correlate_block(
+                _take_templates(exact, k_idx),
+                _take_images(images, m_idx),
+                outputs,
+                likelihood=likelihood,
+                pose_prior=sub_prior,
+                workers=workers,
+                work_bytes=work_bytes,
+            )
+            values = [
+                sub.cross_correlation_ms,
+                sub.pose_ms,
+                sub.log_likelihood_ms,
+                sub.cross_correlation_msdw,
+                sub.cross_correlation_msw,
+                sub.displacement_index_msw,
+                sub.cross_correlation_msd,
+                sub.rotation_index_msd,
+            ]
+            rows, cols = m_idx[:, None], s_idx[None, :]
+            for target, value in zip(outs, values, strict=True):
+                if target is not None:
+                    target[rows, cols] = value
+            bound_ms[rows, cols] = 0.0
+    after = float(xp.max(xp.where(xp.isnan(bound_ms), 0.0, bound_ms))) if bound_ms.size else 0.0
+    return CompressionStats(
+        tol, comp.work_fraction(), after, before, n_fail, int(bound_ms.size), bound_ms
     )
 
 
@@ -743,17 +932,23 @@ class _BlockPrior:
 
 def _take_templates(templates: PreparedTemplates, index: Any) -> PreparedTemplates:
     """The prepared templates ``index`` (a copy)."""
-    n_q, n_n = templates.spectrum.shape[:2]
+    n_q, n_n = templates.power_spectrum.shape[:2]
     n_d = templates.n_displacements
-    spectrum = templates.spectrum.reshape(n_q, n_n, templates.n_templates, n_d)[:, :, index]
+    spectrum = compressed = None
+    if templates.compressed is not None:
+        compressed = templates.compressed.take(index)
+    else:
+        spectrum = templates.spectrum.reshape(n_q, n_n, templates.n_templates, n_d)[:, :, index]
+        spectrum = spectrum.reshape(n_q, n_n, -1)
     return PreparedTemplates(
-        spectrum.reshape(n_q, n_n, -1),
+        spectrum,
         templates.power_spectrum[:, :, index],
         templates.mask_weighted[index],
         int(index.shape[0]),
         n_d,
         templates.n_shells,
         templates.n_inplanes,
+        compressed=compressed,
     )
 
 
@@ -769,10 +964,10 @@ def _correlate_subset(
 ) -> BlockResult:
     """``correlate_block`` on the templates some image may take; the others get ``-inf``
     cross-correlations and likelihoods."""
-    xp = array_module(templates.spectrum)
+    xp = array_module(templates.power_spectrum)
     n_m, n_s = images.n_images, templates.n_templates
     n_d, n_w = templates.n_displacements, templates.n_inplanes
-    rdt = np.empty(0, dtype=templates.spectrum.dtype).real.dtype
+    rdt = np.empty(0, dtype=templates.power_spectrum.dtype).real.dtype
     keep = prior.keep
     neg = rdt.type(-np.inf)
     best_ms = xp.full((n_m, n_s), neg, dtype=rdt)
@@ -785,6 +980,7 @@ def _correlate_subset(
         xp.full((n_m, n_s, n_d), neg, dtype=rdt) if outputs.per_displacement else None,
         xp.zeros((n_m, n_s, n_d), dtype=xp.int64) if outputs.per_displacement else None,
     ]
+    stats = None
     if int(keep.shape[0]):
         sub = correlate_block(
             _take_templates(templates, keep),
@@ -809,7 +1005,12 @@ def _correlate_subset(
         for k, name in enumerate(names):
             if rest[k] is not None:
                 rest[k][:, keep] = getattr(sub, name)
-    return _block_result(best_ms, pose_ms, ll_ms, log_prior, n_d, n_w, *rest)
+        if sub.compression is not None:  # templates not computed: no error
+            bound = xp.zeros((n_m, n_s), dtype=np.float64)
+            bound[:, keep] = sub.compression.bound
+            stats = replace(sub.compression, pairs=n_m * n_s, bound=bound)
+    result = _block_result(best_ms, pose_ms, ll_ms, log_prior, n_d, n_w, *rest)
+    return result if stats is None else _with_stats(result, stats)
 
 
 def _mask_overlap(
