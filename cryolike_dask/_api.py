@@ -146,6 +146,7 @@ def likelihood(
     precision: str | None = None,
     device: str = "auto",
     client: Any = None,
+    tolerance: float | None = None,
     **search: Any,
 ):
     """Cross-correlations, optimal poses and likelihoods of images against structures, lazily.
@@ -166,6 +167,10 @@ def likelihood(
         Default: the parameters' precision.
     device : {"auto", "cpu", "gpu"}
         Where the kernels run (``auto``: the GPU when the workers have one).
+    tolerance : float, optional
+        Bounded-error mode: every normalised cross-correlation within ``tolerance`` of the
+        exact one (compressed template spectra; pairs the run-time bound cannot certify are
+        recomputed exactly). Default: exact.
     client : distributed.Client, optional
         Used to plan blocks for its workers and choose the device (default: the active
         client, else this machine).
@@ -207,6 +212,7 @@ def likelihood(
             full_cross_correlation=full_cross_correlation,
             precision=precision,
             device=device,
+            tolerance=tolerance,
             **search,
         ),
     )

@@ -283,6 +283,14 @@ def _likelihood_parser(sub: argparse._SubParsersAction) -> None:
         help="kernel tasks per submitted Dask graph; larger runs go in batches (default 10000)",
     )
     r.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="EPS",
+        help="bounded-error mode: every normalised cross-correlation within EPS of the exact "
+        "one (compressed template spectra, pairs the run-time bound cannot certify "
+        "recomputed exactly; e.g. 1e-4); default: exact",
+    )
+    r.add_argument(
         "--precision",
         choices=["single", "double"],
         help="working precision (default: the parameters' precision)",
@@ -340,6 +348,7 @@ def likelihood_options(args: argparse.Namespace):
         use_prior_origin=args.use_prior_origin,
         pose_frame=args.pose_frame,
         check_frame=args.check_frame,
+        tolerance=args.tolerance,
     )
 
 

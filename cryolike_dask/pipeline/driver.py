@@ -122,6 +122,7 @@ def kernel_settings(
         template_cache_bytes=template_cache,
         device_pool_bytes=device_pool,
         pose_prior=run.pose_prior,
+        tolerance=run.tolerance,
     )
 
 

@@ -170,6 +170,9 @@ class LikelihoodRun:
     check_frame : int
         With ``pose_prior``: also search this many evenly spaced images over every direction
         and rotation, and warn when their global optimum lies outside the window.
+    tolerance : float or None
+        Bounded-error mode: allowed error of every normalised cross-correlation (compressed
+        template spectra, :mod:`~cryolike_dask.kernels.compression`); ``None``: exact.
     """
 
     templates: TemplateSource
@@ -194,6 +197,7 @@ class LikelihoodRun:
     yes: bool = False
     pose_prior: PosePriorSpec | None = None
     check_frame: int = 0
+    tolerance: float | None = None
 
     @property
     def parameters(self) -> ImageParameters:
@@ -222,6 +226,8 @@ def fingerprint(run: LikelihoodRun) -> dict[str, Any]:
     }
     if run.pose_prior is not None:  # absent for global searches: their fingerprints unchanged
         fp["pose_prior"] = run.pose_prior.as_json()
+    if run.tolerance is not None:  # bounded-error results never mix with exact ones
+        fp["tolerance"] = float(run.tolerance)
     return json.loads(json.dumps(fp, default=str))
 
 
@@ -340,6 +346,8 @@ class LikelihoodOptions(BaseModel):
     pose_frame: Literal["auto", "map", "model"] = "auto"
     #: With ``pose_prior``: compare with a global search on this many images (0: off).
     check_frame: int = Field(0, ge=0)
+    #: Bounded-error mode: allowed error of the normalised cross-correlation (None: exact).
+    tolerance: float | None = Field(None, gt=0, lt=1)
 
     @classmethod
     def parse(cls, **values: Any) -> LikelihoodOptions:
@@ -480,6 +488,7 @@ class LikelihoodOptions(BaseModel):
             yes=self.yes,
             pose_prior=prior,
             check_frame=self.check_frame if prior is not None else 0,
+            tolerance=self.tolerance,
         )
         validate(run, headers=False)  # the file headers are read once, when it runs
         return run

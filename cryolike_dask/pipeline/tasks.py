@@ -6,6 +6,7 @@ of prepared template and image blocks, and calls :mod:`cryolike_dask.kernels`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -120,6 +121,8 @@ class KernelSettings:
         Limit of CuPy's memory pool on each GPU worker (the planned budget).
     pose_prior : PosePriorSpec or None
         Search around each image's prior pose (:mod:`~cryolike_dask.pipeline.pose_search`).
+    tolerance : float or None
+        Bounded-error mode (``prepare_templates(tolerance=...)``); ``None``: exact.
     """
 
     parameters: ImageParameters
@@ -132,6 +135,7 @@ class KernelSettings:
     fft_workers: int | None = None
     device_pool_bytes: int | None = None
     pose_prior: pose_search.PosePriorSpec | None = None
+    tolerance: float | None = None
 
     @property
     def n_displacements(self) -> int:
@@ -396,6 +400,7 @@ def _prepared_templates(
         settings.displacements,
         settings.precision,
         settings.device,
+        settings.tolerance,
     )
     _TEMPLATE_CACHE.max_bytes = settings.template_cache_bytes
 
@@ -413,6 +418,7 @@ def _prepared_templates(
             settings.precision,
             workers=settings.fft_workers or _worker_threads(),
             work_bytes=settings.work_bytes,
+            tolerance=settings.tolerance,
         )
 
     return _TEMPLATE_CACHE.get_or_create(key, make, lambda v: v.nbytes)
@@ -535,7 +541,14 @@ def correlate_task(
                 block.stop,
                 work // 2**20,
             )
-    return BlockResult(*(None if v is None else to_host(v) for v in result.__dict__.values()))
+    stats = result.compression  # bounded-error mode: what the run-time bound did
+    if stats is not None and stats.fallback_pairs:
+        logger.debug(
+            "templates [%d, %d): %d of %d pairs recomputed exactly (bound %.2g > tolerance)",
+            t0, t1, stats.fallback_pairs, stats.pairs, stats.max_bound_before_fallback,
+        )  # fmt: skip
+    values = (getattr(result, f.name) for f in dataclasses.fields(BlockResult))
+    return BlockResult(*(None if v is None else to_host(v) for v in values))
 
 
 def nothing_allowed(settings: KernelSettings, n_m: int, n_s: int) -> BlockResult:
