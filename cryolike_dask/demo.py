@@ -1,15 +1,20 @@
-"""``cryolike-dask demo``: the whole pipeline on a built-in example, in a few minutes.
+"""``cryolike-dask demo``: the whole pipeline on a built-in example, in well under a minute.
 
-1. Image parameters: 32-pixel images of 5 Å, 96 viewing directions, 64 in-plane angles.
+1. Image parameters: 32-pixel images of 5 Å, 364 viewing directions, 64 in-plane angles.
 2. Templates of two apoferritin structures shipped with the package (a deformed one, the
    truth, and a symmetric one), from their atomic models.
 3. Synthetic particles, a 70/30 mixture of the two structures (``mixture``), from their
    atomic models at known continuous poses,
    as real particles (a viewing direction uniform on the sphere, an in-plane rotation uniform
-   in [0, 2π), a shift uniform in the search range; none on the search grids), each with its
-   own astigmatic CTF and white noise, written as an MRC stack with a RELION STAR file.
-4. ``convert-particles`` on those files, as for real data.
-5. ``likelihood`` of every image against both structures on a local Dask cluster.
+   in [0, 2π), a shift uniform within ±1 pixel; none on the search grids), each with its
+   own astigmatic CTF and white noise, written as an MRC stack with a RELION STAR file that
+   also carries "refined" poses, as particles aligned by RELION or cryoSPARC do: the true
+   pose perturbed by a refinement error (3° per axis of the rotation, 0.3 pixel per axis of
+   the origin).
+4. ``convert-particles`` on those files with their poses, as for real data.
+5. ``likelihood`` of every image against both structures on a local Dask cluster: a local
+   search within 20° of each refined pose, centred on the refined origin, with residual
+   shifts of ±0.5 pixel.
 6. Matrices (``stitch``), population weights (``reweight``), a summary and PNG plots. The
    summary sets the pose errors against the grid steps and against the quantisation floor
    (the error of the nearest grid pose, about half a step), which no search on these grids
@@ -27,7 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from cryolike_dask.errors import OutputExistsError, ParameterError
-from cryolike_dask.evaluation import PoseErrors, Truth, chain_symmetry, pose_errors
+from cryolike_dask.evaluation import (
+    PoseErrors,
+    Truth,
+    chain_symmetry,
+    image_centres,
+    pose_errors,
+)
 from cryolike_dask.grids.displacement import DisplacementGrid
 from cryolike_dask.io.models import read_atoms
 from cryolike_dask.io.mrc import write_images
@@ -64,6 +75,13 @@ class DemoSummary:
     poses: str = "continuous"
     #: mixture: per structure (true share, recovered weight, 2.5 % and 97.5 % posterior)
     weights: dict[str, tuple[float, float, float, float]] | None = None
+    #: the likelihood's search, in words
+    search: str | None = None
+    #: median error of the refined poses the search started from: angle (degrees), centre (Å)
+    prior_error: tuple[float, float] | None = None
+    #: per structure: share of best poses on the window's edge, for its own images and for
+    #: the other structure's (whose best pose on a wrong structure need not lie near it)
+    on_edge: dict[str, tuple[float, float]] | None = None
 
     def table(self) -> str:
         e = self.errors
@@ -76,6 +94,18 @@ class DemoSummary:
             ("structures compared", ", ".join(self.structures)),
             ("images preferring their true structure", f"{self.prefer_true:.1%}"),
         ]
+        if self.search:
+            rows.append(("search", self.search))
+        if self.prior_error:
+            a, d = self.prior_error
+            rows.append(("refined poses (search start)", f"median error {a:.1f}°, {d:.2f} Å"))
+        for n, (mine, other) in (self.on_edge or {}).items():
+            rows.append(
+                (
+                    f"best pose on window edge, {n}",
+                    f"{mine:.0%} of its images, {other:.0%} of the other's",
+                )
+            )
         for n, (t, w, lo, hi) in (self.weights or {}).items():
             inside = "inside" if lo <= t <= hi else "OUTSIDE"
             rows.append(
@@ -129,8 +159,22 @@ def model_path(name: str) -> Path:
 
 
 def demo_displacements(params: ImageParameters) -> DisplacementGrid:
-    """The demo's displacement search: 3 × 3 within ±1 pixel."""
+    """The range of the simulated particles' shifts, as a displacement search: 3 × 3 within
+    ±1 pixel (the former global search's grid)."""
     return DisplacementGrid.from_search(1, 3, 3, params.pixel_size[0])
+
+
+#: The demo's search parameters: 32-pixel images of 5 Å, ``VIEWING_DISTANCE`` (364 viewing
+#: directions, about 10° apart) and ``N_INPLANES`` rotations (5.6° apart).
+VIEWING_DISTANCE = 3 / (4 * np.pi)
+N_INPLANES = 64
+#: The "refined" poses' errors: standard deviation per axis of the rotation vector
+#: (degrees) and of the origin (pixels).
+POSE_ERROR = (3.0, 0.3)
+#: The local search: half-width of the window around each refined pose (degrees), and the
+#: residual displacements around the refined origin (3 × 3 within ± this many pixels).
+WINDOW_DEGREES = 20.0
+RESIDUAL_PIXELS = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,6 +186,20 @@ class SimulatedParticles:
     truth_file: Path
     truth: Truth
     labels: np.ndarray | None = None  # structure of each image, for a mixture
+    #: with ``pose_error``: the refined poses written to the STAR file
+    refined: RefinedPoses | None = None
+
+
+@dataclass(frozen=True)
+class RefinedPoses:
+    """The "refined" poses of :func:`simulate_particles`, per image: the angle between the
+    refined and the true orientation (degrees), the distance between the refined and the true
+    particle centre (Å), and the refined particle offset ``[M, 2]`` (Å, image frame: row,
+    column; minus RELION's origin (Y, X))."""
+
+    angle_error_deg: np.ndarray
+    shift_error: np.ndarray
+    offset: np.ndarray
 
 
 def simulate_particles(
@@ -155,6 +213,7 @@ def simulate_particles(
     poses: str = "continuous",
     templates: str | Path | None = None,
     mixture: float | None = None,
+    pose_error: tuple[float, float] | None = None,
 ) -> SimulatedParticles:
     """Particles of the demo's true structure (the deformed apoferritin model shipped with
     the package), written as real data: ``OUTPUT/particles.mrcs`` (float32 ``[M, n, n]``),
@@ -170,6 +229,13 @@ def simulate_particles(
     probability, else from the other example structure (the symmetric model); ``labels``
     says which, and the truth holds the poses of the true structure's images only
     (``truth.images``).
+
+    ``pose_error`` ``(degrees, pixels)``: the STAR file also carries "refined" poses, as
+    particles aligned by RELION or cryoSPARC do (``rlnAngleRot``/``Tilt``/``Psi``,
+    ``rlnOriginXAngst``/``YAngst``, in the frame of the atomic models: read them with
+    ``pose_frame="model"``): each image's true pose turned by a random rotation whose
+    rotation vector has this standard deviation per axis, and its origin moved by this
+    standard deviation per axis (``refined``). The particles are the same as without them.
     """
     if poses not in ("continuous", "grid"):
         raise ParameterError(f"poses must be 'continuous' or 'grid', not {poses!r}")
@@ -194,11 +260,12 @@ def simulate_particles(
     if mixture is None:
         truth, synthetic = _synthesize(poses, templates, params, disp, lens, snr, rng)
         images = synthetic.images
+        parts = [(np.arange(m), truth)]
     else:
         if poses != "continuous":
             raise ParameterError("a mixture is simulated at continuous poses only")
         labels = (rng.random(m) >= float(mixture)).astype(np.int64)  # 0: the true structure
-        images = None
+        images, parts = None, []
         for k in (0, 1):
             idx = np.flatnonzero(labels == k)
             if idx.size == 0:
@@ -209,15 +276,74 @@ def simulate_particles(
             if images is None:
                 images = np.empty((m, *syn.images.shape[1:]), syn.images.dtype)
             images[idx] = syn.images
+            parts.append((idx, t_k))
             if k == 0:
                 truth = replace(t_k, images=idx)
     raw = Path(output)
     raw.mkdir(parents=True, exist_ok=True)
     write_images(raw / "particles.mrcs", images, params.pixel_size[0], overwrite=True)
     write_star(raw / "particles.star", lens)
+    refined = None
+    if pose_error is not None:
+        rotations, offsets = np.empty((m, 3, 3)), np.empty((m, 2))
+        for idx, t in parts:
+            rotations[idx] = t.orientations(params.viewing_angles)
+            offsets[idx] = image_centres(t.displacement_x, t.displacement_y, t.rotation)
+        refined = _write_refined_poses(
+            raw / "particles.star", rotations, offsets, pose_error, params.pixel_size[0], rng
+        )
     truth.save(raw / "truth.npz")
     return SimulatedParticles(
-        raw / "particles.mrcs", raw / "particles.star", raw / "truth.npz", truth, labels
+        raw / "particles.mrcs", raw / "particles.star", raw / "truth.npz", truth, labels, refined
+    )
+
+
+def _write_refined_poses(
+    star: Path,
+    rotations: np.ndarray,
+    offsets: np.ndarray,
+    error: tuple[float, float],
+    pixel_size: float,
+    rng: np.random.Generator,
+) -> RefinedPoses:
+    """Add "refined" RELION poses to ``star``: each true pose (``rotations`` ``[M, 3, 3]``,
+    model frame; image-frame particle ``offsets`` ``[M, 2]`` Å, row and column) turned by a
+    random rotation whose rotation vector has a standard deviation of ``error[0]`` degrees
+    per axis, and its origin moved by ``error[1]`` pixels per axis.
+
+    RELION's rotation of a template-frame pose ``R`` of an atomic model is
+    ``R·diag(1, 1, −1)·Σ`` (the model frame is RELION's; ``Σ`` swaps RELION's image x, our
+    column, with y, our row): the inverse of the ``pose_frame="model"`` conversion. RELION's
+    origin is minus the particle's offset, ``(X, Y) = −(column, row)``.
+    """
+    from scipy.spatial.transform import Rotation
+
+    m = rotations.shape[0]
+    turn = Rotation.from_rotvec(rng.normal(0.0, np.radians(error[0]), (m, 3)))
+    refined = rotations @ turn.as_matrix()
+    swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    relion = refined @ np.diag([1.0, 1.0, -1.0]) @ swap
+    euler = Rotation.from_matrix(relion).as_euler("ZYZ", degrees=True)
+    moved = rng.normal(0.0, error[1] * pixel_size, (m, 2))
+    origin = -(offsets + moved)[:, ::-1]  # (X, Y) = -(column, row)
+    columns = {
+        "rlnAngleRot": euler[:, 0],
+        "rlnAngleTilt": euler[:, 1],
+        "rlnAnglePsi": euler[:, 2],
+        "rlnOriginXAngst": origin[:, 0],
+        "rlnOriginYAngst": origin[:, 1],
+    }
+    lines = star.read_text().splitlines()
+    names = [k for k, line in enumerate(lines) if line.startswith("_rln")]
+    header = [f"_{c} #{len(names) + j + 1}" for j, c in enumerate(columns)]
+    rows = [line for line in lines[names[-1] + 1 :] if line.strip()]
+    values = np.stack(list(columns.values()), axis=1)
+    rows = [
+        f"{r} " + " ".join(f"{v:.6f}" for v in vals) for r, vals in zip(rows, values, strict=True)
+    ]
+    star.write_text("\n".join(lines[: names[-1] + 1] + header + rows) + "\n")
+    return RefinedPoses(
+        np.degrees(turn.magnitude()), np.linalg.norm(moved, axis=1), offsets + moved
     )
 
 
@@ -296,13 +422,24 @@ def run_demo(
     symmetric one; None: all from the deformed one); the summary reports the population
     weights recovered by ``reweight`` with their 95 % intervals against the true shares.
 
+    The particles come, as real ones usually do, with poses refined by another program: the
+    STAR file carries each particle's true pose perturbed by a refinement error
+    (:data:`POSE_ERROR`: a random rotation of 3° per axis, a median 4.4°, and 0.3 pixel per
+    axis on the origin), converted with ``pose_source="refined"``. The likelihood is a local
+    search (``pose_prior="window"``, ``pose_frame="model"``): the viewing directions and
+    rotations within :data:`WINDOW_DEGREES` of each refined pose, on a template grid of 364
+    directions (:data:`VIEWING_DISTANCE`; the particles are sorted by their refined
+    direction, so that each block of images needs few blocks of templates), with each image
+    centred on its refined origin (``use_prior_origin``) and residual shifts of
+    ±:data:`RESIDUAL_PIXELS` pixel.
+
     It uses the public API only (``import cryolike_dask as cd``), as a user would; steps are
     reported through ``logging`` (the ``demo`` command shows them). The likelihood runs on
     the active Dask client, else on ``cluster`` (default: a new LocalCluster).
 
     ``poses="continuous"`` (default): particles at continuous poses, off the search grids, as
     real particles; ``"grid"``: at poses of the search grids (a template, a displacement and a
-    rotation of the grids), where a perfect search makes no error at all.
+    rotation of the grids; the refined poses are still perturbed).
     """
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -316,11 +453,13 @@ def run_demo(
     log = logger.info
 
     t0 = time.perf_counter()
-    params = ImageParameters.from_values(32, 5.0, n_inplanes=64, viewing_distance=8 / (4 * np.pi))
+    params = cd.ImageParameters.from_values(
+        32, 5.0, n_inplanes=N_INPLANES, viewing_distance=VIEWING_DISTANCE
+    )
     params.save(out / "parameters.npz", overwrite=True)
     log(
-        f"[1/5] parameters: 32 px × 5 Å, {params.polar_grid.n_shells} shells × 64 angles, "
-        f"{params.viewing_angles.n_angles} viewing directions"
+        f"[1/5] parameters: 32 px × 5 Å, {params.polar_grid.n_shells} shells × {N_INPLANES} "
+        f"angles, {params.viewing_angles.n_angles} viewing directions"
     )
     pts = cd.make_templates(
         [model_path(m) for m in MODELS],
@@ -337,16 +476,30 @@ def run_demo(
     )
 
     t0 = time.perf_counter()
-    disp = demo_displacements(params)
     m, w = n_images, params.n_inplanes
     raw = out / "raw"
     mixture = mixture if poses == "continuous" else None
     sim = simulate_particles(
-        raw, params, m, snr=snr, rng=rng, poses=poses, templates=pts[0], mixture=mixture
+        raw,
+        params,
+        m,
+        snr=snr,
+        rng=rng,
+        poses=poses,
+        templates=pts[0],
+        mixture=mixture,
+        pose_error=POSE_ERROR,
     )
-    truth = sim.truth
+    truth, refined = sim.truth, sim.refined
+    assert refined is not None
     labels = sim.labels if sim.labels is not None else np.zeros(m, np.int64)
-    particles = cd.gather_paired([raw / "particles.mrcs"], [raw / "particles.star"], batch_size=100)
+    particles = cd.gather_paired(
+        [raw / "particles.mrcs"],
+        [raw / "particles.star"],
+        batch_size=100,
+        pose_source="refined",
+        sort_by_pose=True,
+    )
     store = cd.convert_particles(
         particles,
         params,
@@ -357,19 +510,31 @@ def run_demo(
     )
     seconds["particles"] = time.perf_counter() - t0
     log(
-        f"[3/5] {m} particles at {poses} poses, SNR {snr:g}, written as MRC + STAR and converted "
+        f"[3/5] {m} particles at {poses} poses, SNR {snr:g}, with refined poses "
+        f"(median error {np.median(refined.angle_error_deg):.1f}°, "
+        f"{np.median(refined.shift_error):.2f} Å), written as MRC + STAR and converted "
         f"({seconds['particles']:.1f} s)"
     )
 
     t0 = time.perf_counter()
-    log("[4/5] likelihood of every image against both structures:")
+    search = (
+        f"local: within {WINDOW_DEGREES:g}° of each image's refined pose "
+        f"({params.viewing_angles.n_angles} directions, {w} rotations), centred on its refined "
+        f"origin, residual shifts 3 × 3 within ±{RESIDUAL_PIXELS:g} px"
+    )
+    log(f"[4/5] likelihood of every image against both structures, {search}:")
     report = cd.write_likelihood(
         store,
         out / "templates" / "templates.zarr",
         out / "likelihood",
-        max_displacement_pixels=1,
+        max_displacement_pixels=RESIDUAL_PIXELS,
         n_displacements_x=3,
         n_displacements_y=3,
+        pose_prior="window",
+        window_degrees=WINDOW_DEGREES,
+        use_prior_origin=True,
+        pose_frame="model",
+        templates_per_block=64,
         integrated_likelihood=True,
         optimal_pose_likelihood=True,
         overwrite=True,
@@ -383,18 +548,15 @@ def run_demo(
     import xarray as xr
 
     results = xr.open_zarr(out / "likelihood" / "results.zarr").compute()
+    # sorted by pose: result image i is row source_row[i] of the STAR file
+    rows = results["source_row"].values
+    labels = labels[rows]
     ll = results["log_likelihood_integrated_fourier"].values
-    own = np.flatnonzero(labels == 0)  # the images of the true structure: their poses
-    errors = pose_errors(
-        params.viewing_angles,
-        w,
-        disp.as_array(),
-        truth,
-        results["optimal_template"][0].values[own],
-        results["optimal_displacement_x"][0].values[own],
-        results["optimal_displacement_y"][0].values[own],
-        results["optimal_inplane_rotation"][0].values[own],
-    )
+    edge = results["optimal_pose_on_window_edge"].values.astype(bool)
+    own = np.argsort(rows)[truth.images if truth.images is not None else np.arange(m)]
+    errors = _residual_pose_errors(params, results, truth, refined.offset[rows[own]], own)
+    # the truth with the result positions of its images, for the plots
+    replace(truth, images=own).save(out / "likelihood" / "truth.npz")
     names = [p.stem.removeprefix("templates_fourier_") for p in pts]
     weights = None
     if sim.labels is not None:
@@ -413,7 +575,9 @@ def run_demo(
             )
             for k, n in enumerate(fit.components)
         }
-    plots = cd.plot_output_folder(out / "likelihood", out / "plots", raw / "truth.npz")
+    plots = cd.plot_output_folder(
+        out / "likelihood", out / "plots", out / "likelihood" / "truth.npz"
+    )
     seconds["matrices and plots"] = time.perf_counter() - t0
     summary = DemoSummary(
         m,
@@ -426,9 +590,49 @@ def run_demo(
         plots,
         poses,
         weights,
+        search,
+        (float(np.median(refined.angle_error_deg)), float(np.median(refined.shift_error))),
+        {
+            n: (
+                float(edge[k, labels == k].mean()) if np.any(labels == k) else float("nan"),
+                float(edge[k, labels != k].mean()) if np.any(labels != k) else float("nan"),
+            )
+            for k, n in enumerate(names)
+        },
     )
     text = summary.table()
     (out / "summary.txt").write_text(text + "\n")
     log("[5/5] summary:\n" + text)
     log(f"plots: {', '.join(str(p) for p in plots)}")
     return summary
+
+
+def _residual_pose_errors(
+    params: ImageParameters, results, truth: Truth, offset: np.ndarray, own: np.ndarray
+) -> PoseErrors:
+    """Pose errors of the true structure's images (``own``, in the order of ``truth``) in
+    the frame of the images centred on their refined ``offset`` ``[n, 2]`` (Å): the truth's
+    centre and the found total displacement both less that offset, so that the shift errors
+    are those of the total displacement and the floor is that of the residual grid."""
+    c, s = np.cos(truth.rotation), np.sin(truth.rotation)
+    centre = image_centres(truth.displacement_x, truth.displacement_y, truth.rotation) - offset
+    centred = replace(  # d = Rot(γ)·(centre − offset), the template-frame residual
+        truth,
+        displacement_x=c * centre[:, 0] - s * centre[:, 1],
+        displacement_y=s * centre[:, 0] + c * centre[:, 1],
+    )
+    rot = results["optimal_inplane_rotation"][0].values[own].astype(np.float64)
+    cf, sf = np.cos(rot), np.sin(rot)
+    dx = results["optimal_displacement_x"][0].values[own] - (cf * offset[:, 0] - sf * offset[:, 1])
+    dy = results["optimal_displacement_y"][0].values[own] - (sf * offset[:, 0] + cf * offset[:, 1])
+    grid = np.asarray(results.attrs["displacements"], dtype=np.float64)
+    return pose_errors(
+        params.viewing_angles,
+        params.n_inplanes,
+        grid,
+        centred,
+        results["optimal_template"][0].values[own],
+        dx,
+        dy,
+        rot,
+    )

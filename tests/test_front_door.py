@@ -54,6 +54,10 @@ def test_demo_summary(tmp_path) -> None:
     assert abs(sum(w for _, w, *_ in summary.weights.values()) - 1) < 1e-9
     for _true, w, lo, hi in summary.weights.values():
         assert 0 < lo <= w <= hi < 1
+    # the local search around the refined poses removes the off-grid bias: each true share
+    # lies within its 95 % interval (measured at 300 images, seeds 0-4: all inside)
+    for true, _w, lo, hi in summary.weights.values():
+        assert lo <= true <= hi, summary.weights
     assert summary.dashboard_link and summary.dashboard_link.startswith("http")
     assert (tmp_path / "demo" / "summary.txt").read_text().count("\n") > 8
     names = sorted(p.name for p in (tmp_path / "demo" / "plots").glob("*.png"))
