@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,16 @@ PROBLEMS = {
     "small": Problem("small", 64, 96, 256, 3),
     "realistic": Problem("realistic", 128, 256, 1024, 5),
 }
+
+
+def best_time(f, repeats: int = 1) -> tuple[float, object]:
+    """Best wall time of ``repeats`` calls of ``f`` (seconds) and the last call's result."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = f()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def hermitian(rng: np.random.Generator, count: int, n: int, w: int) -> np.ndarray:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.problems import best_time
+
 
 def synthetic(n: int, k: int, separation: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(ll [n, k], true weights [k])``."""
@@ -39,15 +41,6 @@ def synthetic(n: int, k: int, separation: float, seed: int = 0) -> tuple[np.ndar
     return ll, w
 
 
-def _time(f, repeats: int = 1):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = f()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run(n: int, k: int, chains: int, samples: int, warmup: int, repeats: int = 3) -> list[dict]:
     import warnings
 
@@ -57,18 +50,18 @@ def run(n: int, k: int, chains: int, samples: int, warmup: int, repeats: int = 3
     rows = []
     for regime, sep in (("separated", 6.0), ("ambiguous", 2.0)):
         ll, w_true = synthetic(n, k, sep)
-        t_shift, (L, _) = _time(lambda ll=ll: rw.shift_rows(ll), 3)
-        t_em, fit = _time(lambda L=L: rw.fit_weights(L), 3)
-        t_gibbs, g = _time(
+        t_shift, (L, _) = best_time(lambda ll=ll: rw.shift_rows(ll), 3)
+        t_em, fit = best_time(lambda L=L: rw.fit_weights(L), 3)
+        t_gibbs, g = best_time(
             lambda L=L: rw.gibbs(L, chains=chains, samples=samples, warmup=warmup, seed=1),
             repeats,
         )
         iters = warmup + samples
-        t_lap, _ = _time(lambda L=L: rw.laplace(L))
-        t_cv, _ = _time(lambda ll=ll: rw.cross_validate(ll, 5))
+        t_lap, _ = best_time(lambda L=L: rw.laplace(L))
+        t_cv, _ = best_time(lambda ll=ll: rw.cross_validate(ll, 5))
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t_all, r = _time(
+            t_all, r = best_time(
                 lambda ll=ll, tmp=tmp: cd.reweight(
                     ll,
                     Path(tmp) / "out",

@@ -16,11 +16,11 @@ optimal pose is the exact one, and ``|ΔLL|`` of the integrated log-likelihood.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.problems import best_time
 from cryolike_dask.grids import DisplacementGrid
 from cryolike_dask.grids.sphere import ViewingAngles
 from cryolike_dask.io.mrc import read_volume
@@ -54,8 +54,7 @@ def _hermitian_noise(rng: np.random.Generator, shape: tuple[int, int, int]) -> n
 
 def build(n_px: int, n_s: int, n_m: int, n_d: int):
     """Grid, templates ``[S, N, W]``, translation kernel, images and CTFs (complex64)."""
-    vol = read_volume(str(MAP))[0]
-    vol = np.asarray(getattr(vol, "data", vol), dtype=np.float64)
+    vol = np.asarray(read_volume(str(MAP))[0], dtype=np.float64)
     params = ImageParameters.from_values(
         n_px, 5.7 * 64 / n_px, n_inplanes=2 * n_px, viewing_distance=8 / (4 * np.pi)
     )
@@ -97,15 +96,6 @@ def build(n_px: int, n_s: int, n_m: int, n_d: int):
     return grid, t.astype(np.complex64), kernel.astype(np.complex64), y.astype(np.complex64), ctf
 
 
-def _best_time(f, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = f()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run(n_d: int, args: argparse.Namespace) -> None:
     grid, t, kernel, y, ctf = build(args.pixels, args.templates, args.images, n_d)
     w = args.workers
@@ -123,17 +113,17 @@ def run(n_d: int, args: argparse.Namespace) -> None:
     def correlate(pt):
         return correlate_block(pt, pi, out, likelihood=consts, log_prior=log_prior, workers=w)
 
-    prep_s, pe = _best_time(lambda: prepare_templates(t, kernel, grid, workers=w), 1)
-    kern_s, ref = _best_time(lambda: correlate(pe), args.repeats)
+    prep_s, pe = best_time(lambda: prepare_templates(t, kernel, grid, workers=w), 1)
+    kern_s, ref = best_time(lambda: correlate(pe), args.repeats)
     full_ref = correlate_block(pe, pi_full, BlockOutputs(full=True), workers=w)
     print(
         f"  exact      prep {prep_s:7.2f} s  kernel {kern_s:7.2f} s  total {prep_s + kern_s:7.2f} s"
     )
     for tol in args.tolerances:
-        prep_c, pc = _best_time(
+        prep_c, pc = best_time(
             lambda tol=tol: prepare_templates(t, kernel, grid, workers=w, tolerance=tol), 1
         )
-        kern_c, res = _best_time(lambda pc=pc: correlate(pc), args.repeats)
+        kern_c, res = best_time(lambda pc=pc: correlate(pc), args.repeats)
         full = correlate_block(pc, pi_full, BlockOutputs(full=True), workers=w)
         st = res.compression
         dcc = float(np.abs(full.cross_correlation_msdw - full_ref.cross_correlation_msdw).max())

@@ -58,8 +58,7 @@ def real_inputs():
     from cryolike_dask.preprocess.templates import normalize_templates, templates_from_volume
 
     npx = 32
-    vol = read_volume(str(MAP))[0]
-    vol = np.asarray(getattr(vol, "data", vol), dtype=np.float64)
+    vol = np.asarray(read_volume(str(MAP))[0], dtype=np.float64)
     params = ImageParameters.from_values(
         npx, 5.7 * 64 / npx, n_inplanes=2 * npx, viewing_distance=8 / (4 * np.pi)
     )
