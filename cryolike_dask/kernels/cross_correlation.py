@@ -52,6 +52,8 @@ from cryolike_dask.precision import Precision
 
 #: Default budget for the kernel's per-batch temporaries (bytes).
 DEFAULT_WORK_BYTES = 256 * 2**20
+#: Size of the displaced-template temporaries each host thread works on in prepare_templates
+HOST_PREPARE_BYTES = 16 * 2**20
 
 
 class NonFiniteCrossCorrelationError(CryoLikeDaskError, FloatingPointError):
@@ -246,18 +248,28 @@ def prepare_templates(
     # already the GEMM operand [Q, N, s·D] - no transposition of the large result.
     t_w = xp.ascontiguousarray(t_sigma.transpose(2, 1, 0))  # [W, N, S]
     k_w = xp.ascontiguousarray(kernel.transpose(2, 1, 0))  # [W, N, D]
-    spectrum = xp.empty((n_q, n_n, n_s, n_d), dtype=cdt)
+    filled = xp.empty((n_q, n_n, n_s, n_d), dtype=cdt)
     per_template = n_d * n_n * n_w * np.dtype(cdt).itemsize * 2
     step = max(1, min(n_s, work_bytes // max(per_template, 1)))
     half = n_w % 4 == 0 and _is_hermitian(t_sigma) and _is_hermitian(kernel)
-    for s0 in range(0, n_s, step):
-        s1 = min(n_s, s0 + step)
+
+    def spectra(s0: int, s1: int, d0: int, d1: int, kw: dict) -> None:
+        k, out = k_w[:, :, d0:d1], filled[:, :, s0:s1, d0:d1]
         if half:
-            _half_angle_spectrum(t_w[:, :, s0:s1], k_w, spectrum[:, :, s0:s1, :], xp, fft, kw)
+            _half_angle_spectrum(t_w[:, :, s0:s1], k, out, xp, fft, kw)
         else:
-            displaced = t_w[:, :, s0:s1, None] * k_w[:, :, None, :]  # [W, N, s, D]
-            spectrum[:, :, s0:s1, :] = fft.fft(displaced, axis=0, norm="ortho", **kw)[:n_q]
-    spectrum = spectrum.reshape(n_q, n_n, n_s * n_d)
+            displaced = t_w[:, :, s0:s1, None] * k[:, :, None, :]  # [W, N, s, D]
+            out[...] = fft.fft(displaced, axis=0, norm="ortho", **kw)[:n_q]
+
+    if xp is np:
+        # host: small pieces (a few templates, or a few displacements of one), one per
+        # thread: the elementwise products and FFTs then work in cache, on every core
+        units = _prepare_units(n_s, n_d, per_template, HOST_PREPARE_BYTES)
+        run_ranges(lambda lo, hi: [spectra(*u, {}) for u in units[lo:hi]], len(units), workers)
+    else:
+        for s0 in range(0, n_s, step):
+            spectra(s0, min(n_s, s0 + step), 0, n_d, kw)
+    spectrum = filled.reshape(n_q, n_n, n_s * n_d)
 
     power = (t_sigma.real**2 + t_sigma.imag**2).astype(rdt, copy=False)  # ωI |T|²
     power_spectrum = fft.rfft(power, axis=-1, norm="ortho", **kw)  # [S, N, Q]
@@ -286,6 +298,19 @@ def prepare_templates(
     return PreparedTemplates(
         None, power_spectrum, mask_weighted, n_s, n_d, n_n, n_w, compressed=compressed
     )
+
+
+def _prepare_units(
+    n_s: int, n_d: int, per_template: int, budget: int
+) -> list[tuple[int, int, int, int]]:
+    """``(s0, s1, d0, d1)`` pieces of the template spectrum of about ``budget`` bytes each."""
+    if per_template <= budget:
+        step = max(1, budget // max(per_template, 1))
+        return [(s0, min(n_s, s0 + step), 0, n_d) for s0 in range(0, n_s, step)]
+    d_step = max(1, (n_d * budget) // per_template)
+    return [
+        (s0, s0 + 1, d0, min(n_d, d0 + d_step)) for s0 in range(n_s) for d0 in range(0, n_d, d_step)
+    ]
 
 
 def _is_hermitian(x: Any, rtol: float = 1e-5) -> bool:

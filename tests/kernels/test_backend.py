@@ -39,3 +39,20 @@ def test_irfft_equals_scipy(routed, axis) -> None:
     got = backend.irfft(np, x, 16, axis=axis)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [None, 1, 2, 3])
+@pytest.mark.parametrize("gather_bytes", [64, 1000, 2**20])
+def test_irfft_of_transposed_view_equals_scipy(monkeypatch, workers, gather_bytes) -> None:
+    """The kernel's ``[Q, m, j] -> [m, j, Q]`` view, transformed in gathered groups of rows."""
+    monkeypatch.setattr(backend, "GATHER_BYTES", gather_bytes)
+    rng = np.random.default_rng(3)
+    q, m, j, n = 9, 5, 7, 16
+    xq = (rng.standard_normal((q, m, j)) + 1j * rng.standard_normal((q, m, j))).astype(np.complex64)
+    view = xq.transpose(1, 2, 0)
+    want = scipy.fft.irfft(view.astype(np.complex128), n=n, axis=-1, norm="forward")
+    out = np.full((m, j, n), np.nan, np.float32)
+    assert backend.irfft(np, view, n, out=out, workers=workers) is out
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    got = backend.irfft(np, view, n, workers=workers)  # no buffer given
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

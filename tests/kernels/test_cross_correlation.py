@@ -132,6 +132,27 @@ def test_internal_batching_does_not_change_results(case) -> None:
     np.testing.assert_array_equal(whole.best_pose, tiny.best_pose)
 
 
+@pytest.mark.parametrize("budget", [1, 9 * 16 * 16 * 2 * 2, 2**30])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_host_preparation_pieces_do_not_change_results(case, monkeypatch, budget, workers) -> None:
+    """Templates prepared a few displacements, one template or all at once, on 1-2 threads."""
+    from cryolike_dask.kernels import cross_correlation
+
+    monkeypatch.setattr(cross_correlation, "HOST_PREPARE_BYTES", budget)
+    result = _run(case, "double", workers=workers)
+    np.testing.assert_allclose(result.cross_correlation_msdw, case["cc"], rtol=0, atol=1e-10)
+
+
+def test_prepare_units_cover_every_template_and_displacement() -> None:
+    from cryolike_dask.kernels.cross_correlation import _prepare_units
+
+    for n_s, n_d, per, budget in [(7, 5, 100, 1), (7, 5, 100, 40), (7, 5, 100, 250), (3, 1, 8, 1)]:
+        covered = np.zeros((n_s, n_d), int)
+        for s0, s1, d0, d1 in _prepare_units(n_s, n_d, per, budget):
+            covered[s0:s1, d0:d1] += 1
+        np.testing.assert_array_equal(covered, 1)
+
+
 def test_ties_go_to_the_first_index(case) -> None:
     grid = case["grid"]
     templates = case["templates"][[0, 1, 0, 2]]  # template 2 duplicates template 0
