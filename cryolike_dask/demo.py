@@ -555,8 +555,8 @@ def run_demo(
     edge = results["optimal_pose_on_window_edge"].values.astype(bool)
     own = np.argsort(rows)[truth.images if truth.images is not None else np.arange(m)]
     errors = _residual_pose_errors(params, results, truth, refined.offset[rows[own]], own)
-    # the truth with the result positions of its images, for the plots
-    replace(truth, images=own).save(out / "likelihood" / "truth.npz")
+    # the truth in input order (STAR rows): the plots pair it with the results by source row
+    truth.save(out / "likelihood" / "truth.npz")
     names = [p.stem.removeprefix("templates_fourier_") for p in pts]
     weights = None
     if sim.labels is not None:

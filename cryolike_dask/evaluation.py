@@ -17,7 +17,9 @@ Errors of a recovered pose against the truth:
 
 Each is set against its grid step and against the *quantisation floor*: the error of the
 nearest grid pose, which no search on these grids can beat (about half a step for continuous
-truth, zero for truth on the grids).
+truth, zero for truth on the grids). A search centred on each image's prior origin (offset
+``p``, image frame) reaches the centres ``p + Rot(−γ) g`` of the residual grid points ``g``:
+its shift floor is that of the shifted grid.
 
 A structure with (near) point-group symmetry ``G`` (rotations ``g`` with ``ρ(g x) ≈ ρ(x)``)
 looks the same in orientations ``R`` and ``g R``, so a search may land on any of them. With a
@@ -312,10 +314,12 @@ def _floors(
     displacements: np.ndarray,
     true_r: np.ndarray,
     true_c: np.ndarray,
+    offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Errors (direction °, rotation °, shift Å) of the nearest grid pose to each truth: the
     nearest direction, then the nearest grid rotation in the carried frame, then the nearest
-    grid displacement at that rotation."""
+    grid displacement at that rotation (centred on ``offset`` ``[M, 2]`` Å, image frame, when
+    given: the centres ``offset + Rot(−γ) g``)."""
     grid_dirs = angles.directions()
     s = _nearest_directions(true_r[:, :, 2], grid_dirs)
     step_rad = 2 * np.pi / n_inplanes
@@ -325,6 +329,8 @@ def _floors(
     rot_floor = np.abs(wrap_angle(phi0 + w * step_rad))
     disp = np.asarray(displacements, dtype=np.float64)
     grid_c = image_centres(disp[0][None, :], disp[1][None, :], (w * step_rad)[:, None])
+    if offset is not None:
+        grid_c = grid_c + np.asarray(offset, dtype=np.float64)[:, None, :]
     shift_floor = np.min(np.linalg.norm(grid_c - true_c[:, None, :], axis=-1), axis=1)
     return great_circle_deg(true_r[:, :, 2], grid_dirs[s]), np.degrees(rot_floor), shift_floor
 
@@ -339,12 +345,16 @@ def pose_errors(
     dy: np.ndarray,
     rotation: np.ndarray,
     symmetry: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
 ) -> PoseErrors:
     """Errors of recovered poses (``template``, ``dx``, ``dy`` Å, ``rotation`` rad) against
     ``truth`` (grid or continuous poses); ``angles`` are the template grid's viewing angles,
     ``displacements`` the searched ``[2, D]`` grid (Å), ``n_inplanes`` the rotation count.
-    ``symmetry`` (default: the truth's) adds the errors up to it. See the module docstring
-    for the definitions of the errors and of the floor."""
+    ``symmetry`` (default: the truth's) adds the errors up to it. ``offset`` ``[M, 2]`` (Å,
+    image frame, as :func:`image_centres`): the prior origin each image's search was centred
+    on, ``displacements`` then being the residual grid around it (``dx``, ``dy`` stay the
+    total displacements); it moves the shift floor's grid. See the module docstring for the
+    definitions of the errors and of the floor."""
     t = np.asarray(template, dtype=np.int64)
     rot = np.asarray(rotation, dtype=np.float64)
     true_r = truth.orientations(angles)
@@ -371,7 +381,7 @@ def pose_errors(
         mates = np.einsum("gij,mjk->gmik", group, true_r)  # [G, M, 3, 3] equivalent truths
         # the equivalent truth nearest the recovered orientation (largest trace of Rᵀ R')
         near = np.argmax(np.einsum("gmji,mji->gm", mates, found), axis=0)
-        per_mate = [_floors(angles, n_inplanes, displacements, r, true_c) for r in mates]
+        per_mate = [_floors(angles, n_inplanes, displacements, r, true_c, offset) for r in mates]
         # the floor of the equivalent truth nearest the grid (by direction, then rotation)
         score = np.stack([f[0] + 1e-3 * f[1] for f in per_mate])  # [G, M]
         best = np.argmin(score, axis=0)
@@ -380,7 +390,7 @@ def pose_errors(
         modulo = errors(mates[near, m], floors, n_symmetry=len(group))
     return errors(
         true_r,
-        _floors(angles, n_inplanes, displacements, true_r, true_c),
+        _floors(angles, n_inplanes, displacements, true_r, true_c, offset),
         modulo_symmetry=modulo,
         n_symmetry=1 if group is None else len(group),
     )
