@@ -6,6 +6,9 @@ No global backend switch exists (one process may mix CPU and GPU work): every ke
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -165,7 +168,19 @@ def matmul(xp: ModuleType, a: Any, b: Any, *, out: Any = None, workers: int | No
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         if out is None or out.shape != shape or out.dtype != a.dtype or not out.flags.c_contiguous:
             out = np.empty(shape, dtype=a.dtype)
-        with _TorchThreads(workers):
+        n_batch = out.shape[0] if out.ndim == 3 and a.ndim == 3 and b.ndim == 3 else 1
+        if workers is not None and workers > 1 and n_batch > 1 and _one_thread():
+            # inside one_library_thread: the batch split over our threads, one torch thread each
+            def part(lo: int, hi: int) -> None:
+                torch.matmul(
+                    torch.from_numpy(a[lo:hi]),
+                    torch.from_numpy(b[lo:hi]),
+                    out=torch.from_numpy(out[lo:hi]),
+                )
+
+            run_ranges(part, n_batch, workers)
+            return out
+        with _TorchThreads(1 if _one_thread() else workers):
             torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
         return out
     return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
@@ -198,7 +213,7 @@ def irfft(
             if np.shares_memory(rows, x):
                 _irfft_gathered(torch, rows, n, out.reshape(-1, n), workers)
                 return out
-        with _TorchThreads(workers):
+        with _TorchThreads(1 if _one_thread() else workers):
             tx = torch.from_numpy(x)
             if ok:
                 torch.fft.irfft(tx, n=n, dim=axis, norm="forward", out=torch.from_numpy(out))
@@ -220,22 +235,68 @@ def _irfft_gathered(torch: Any, rows: Any, n: int, out: Any, workers: int | None
     rows into a contiguous buffer and transforms it while it is still in cache, with one
     torch thread per range.
     """
+    n_rows = rows.shape[0]
+    step = max(1, GATHER_BYTES // (rows.shape[1] * rows.itemsize))
+    threads = max(1, min(int(workers or 1), -(-n_rows // step)))
+    with _TorchThreads(1 if threads > 1 or _one_thread() else workers):
+        run_ranges(lambda lo, hi: irfft_rows(rows[lo:hi], n, out[lo:hi]), n_rows, threads)
+
+
+def irfft_rows(rows: np.ndarray, n: int, out: np.ndarray) -> None:
+    """``out[r] = irfft(rows[r], n, norm="forward")`` on the calling thread alone (NumPy).
+
+    ``rows`` ``[R, Q]`` complex, any strides (the kernel's GEMM result read along its
+    orders); ``out`` ``[R, n]`` real, C-contiguous. Rows are gathered in cache-sized groups
+    into a contiguous buffer and transformed there (torch's MKL with the calling thread's
+    torch setting - one thread inside :func:`one_library_thread` - or SciPy single-threaded).
+    For host threads that each transform and then reduce their own rows while in cache.
+    """
     n_rows, q = rows.shape
     step = max(1, GATHER_BYTES // (q * rows.itemsize))
+    torch = _torch() if _torch_ok(rows) else None
+    if torch is None:
+        import scipy.fft
 
-    def work(lo: int, hi: int) -> None:
-        buf = np.empty((min(step, hi - lo), q), dtype=rows.dtype)
-        for r0 in range(lo, hi, step):
-            r1 = min(hi, r0 + step)
-            b = buf[: r1 - r0]
-            np.copyto(b, rows[r0:r1])
-            torch.fft.irfft(
-                torch.from_numpy(b), n=n, dim=-1, norm="forward", out=torch.from_numpy(out[r0:r1])
-            )
+        out[...] = scipy.fft.irfft(rows, n=n, axis=-1, norm="forward", workers=1)
+        return
+    buf = np.empty((min(step, n_rows), q), dtype=rows.dtype)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        b = buf[: r1 - r0]
+        np.copyto(b, rows[r0:r1])
+        torch.fft.irfft(
+            torch.from_numpy(b), n=n, dim=-1, norm="forward", out=torch.from_numpy(out[r0:r1])
+        )
 
-    threads = max(1, min(int(workers or 1), -(-n_rows // step)))
-    with _TorchThreads(1 if threads > 1 else workers):
-        run_ranges(work, n_rows, threads)
+
+_LOCAL = threading.local()
+
+
+def _one_thread() -> bool:
+    """Whether the calling thread is inside :func:`one_library_thread`."""
+    return bool(getattr(_LOCAL, "one", False))
+
+
+@contextlib.contextmanager
+def one_library_thread(workers: int | None) -> Iterator[None]:
+    """Host work of one kernel call, parallel over our own threads only.
+
+    With ``workers > 1`` and torch routing: torch runs one intra-op thread inside (set
+    once, restored on exit on the main thread: each change of torch's process-wide thread
+    count costs ~2 ms), and :func:`matmul` splits its batch over ``workers`` threads
+    instead. Otherwise a no-op.
+    """
+    torch = _torch() if USE_TORCH else None
+    if torch is None or workers is None or workers <= 1:
+        yield
+        return
+    before = _one_thread()
+    with _TorchThreads(1):
+        _LOCAL.one = True
+        try:
+            yield
+        finally:
+            _LOCAL.one = before
 
 
 def eigh(xp: ModuleType, a: Any) -> tuple[Any, Any]:

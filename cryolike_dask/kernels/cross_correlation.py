@@ -20,6 +20,7 @@ per image block, then :func:`correlate_block`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -32,7 +33,9 @@ from cryolike_dask.kernels.backend import (
     fft_kwargs,
     fft_module,
     irfft,
+    irfft_rows,
     matmul,
+    one_library_thread,
     run_ranges,
 )
 from cryolike_dask.kernels.compression import (
@@ -595,6 +598,32 @@ def correlate_block(
     compressed products; each (image, template) pair whose error bound exceeds the
     tolerance is recomputed exactly, and ``BlockResult.compression`` reports what was done.
     """
+    host = array_module(templates.power_spectrum) is np
+    with one_library_thread(workers if host else None):
+        return _correlate_block(
+            templates,
+            images,
+            outputs,
+            likelihood=likelihood,
+            log_prior=log_prior,
+            pose_prior=pose_prior,
+            workers=workers,
+            work_bytes=work_bytes,
+        )
+
+
+def _correlate_block(
+    templates: PreparedTemplates,
+    images: PreparedImages,
+    outputs: BlockOutputs,
+    *,
+    likelihood: LikelihoodConstants | None,
+    log_prior: Any,
+    pose_prior: Any,
+    workers: int | None,
+    work_bytes: int,
+) -> BlockResult:
+    """:func:`correlate_block`'s work (host libraries already set up for ``workers``)."""
     xp = array_module(templates.power_spectrum)
     n_m, n_s = images.n_images, templates.n_templates
     n_d, n_w = templates.n_displacements, templates.n_inplanes
@@ -679,8 +708,16 @@ def correlate_block(
                     xq_out = xp.empty((n_q, mb, sb * n_d), dtype=cdt)
                 xq = compressed_products(comp, side, s0, s1, xq_out, workers=workers)
             x_out = x_buf[: mb * sb * n_d * n_w].reshape(mb, sb * n_d, n_w) if reuse else None
-            x = irfft(xp, xq.transpose(1, 2, 0), n_w, axis=-1, out=x_out, workers=workers)
-            del xq
+            fill = None
+            rows = xq.transpose(1, 2, 0).reshape(mb * sb * n_d, n_q) if reuse else None
+            if rows is not None and np.shares_memory(rows, xq):
+                # host: each thread transforms the rows of its chunk of (image, template)
+                # pairs and reduces them while they are in cache (_host_reduce)
+                x = x_out
+                fill = _row_filler(rows, x.reshape(mb * sb * n_d, n_w), n_d)
+            else:
+                x = irfft(xp, xq.transpose(1, 2, 0), n_w, axis=-1, out=x_out, workers=workers)
+            del xq, rows
             x = x.reshape(mb, sb, n_d, n_w).astype(rdt, copy=False)  # raw correlation X
             ixx = ixx_all[:, s0:s1]
             factors = None
@@ -702,6 +739,7 @@ def correlate_block(
                     argmax=("raw" if skip_norm else "normalised") if reduced_only else None,
                     workers=workers,
                     prior=None if prior is None else prior.part(m0, m1, s0, s1),
+                    fill=fill,
                 )
                 if ll is not None:
                     ll_ms[m0:m1, s0:s1] = ll
@@ -1159,6 +1197,15 @@ def _power_floor(dtype: Any, exponent: float) -> Any:
     return fi.dtype.type(np.exp(np.log(float(fi.tiny) / float(fi.eps)) / exponent))
 
 
+def _row_filler(rows: np.ndarray, out: np.ndarray, n_d: int) -> Callable[[int, int], None]:
+    """``fill(p0, p1)``: the raw correlation of pairs ``p0 … p1`` (their ``D`` rows each)."""
+
+    def fill(p0: int, p1: int) -> None:
+        irfft_rows(rows[p0 * n_d : p1 * n_d], out.shape[-1], out[p0 * n_d : p1 * n_d])
+
+    return fill
+
+
 def _host_reduce(
     x: np.ndarray,
     factors: tuple[Any, Any, Any, Any] | None,
@@ -1168,6 +1215,7 @@ def _host_reduce(
     argmax: str | None,
     workers: int | None,
     prior: _BlockPrior | None = None,
+    fill: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Post-GEMM reductions of a NumPy batch in one sweep over cache-sized chunks.
 
@@ -1181,7 +1229,9 @@ def _host_reduce(
     ``d·W + w`` ``[mb, S]``. ``prior`` (the block's part of a pose prior): each
     displacement's term weighted, each rotation's log prior added before the log-sum over
     rotations, excluded rotations never the arg-max (``x`` is set to ``-inf`` there; the
-    template factor is the caller's). Chunks run on ``workers`` threads. Returns
+    template factor is the caller's). ``fill(p0, p1)``, when given, first writes
+    ``x[p0:p1]`` (pairs of the flattened ``[mb·S]``): the inverse FFT runs chunk by chunk
+    beside the reductions, in cache. Chunks run on ``workers`` threads. Returns
     ``(best, arg, log_likelihood, sums)``, ``None`` for what was not asked.
     """
     mb, sb, n_d, n_w = x.shape
@@ -1218,6 +1268,8 @@ def _host_reduce(
             for c0 in range(lo, hi, per):
                 c1 = min(hi, c0 + per)
                 n = c1 - c0
+                if fill is not None:
+                    fill(c0, c1)
                 xc = x3[c0:c1]
                 if factors is not None:
                     tc = t[:n]

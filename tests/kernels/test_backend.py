@@ -56,3 +56,31 @@ def test_irfft_of_transposed_view_equals_scipy(monkeypatch, workers, gather_byte
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     got = backend.irfft(np, view, n, workers=workers)  # no buffer given
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_matmul_split_over_the_batch_equals_numpy(routed, workers) -> None:
+    """Inside one_library_thread a batched GEMM runs as ranges of its batch on our threads."""
+    rng = np.random.default_rng(4)
+    a = (rng.standard_normal((7, 5, 6)) + 1j * rng.standard_normal((7, 5, 6))).astype(np.complex64)
+    b = (rng.standard_normal((7, 6, 3)) + 1j * rng.standard_normal((7, 6, 3))).astype(np.complex64)
+    want = np.einsum("qmn,qnk->qmk", a.astype(np.complex128), b.astype(np.complex128))
+    with backend.one_library_thread(workers):
+        with backend.one_library_thread(workers):  # nested: the outer setting survives
+            pass
+        assert backend._one_thread() is (routed and workers > 1)
+        got = backend.matmul(np, a, b, workers=workers)
+    assert not backend._one_thread()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gather_bytes", [64, 2**20])
+def test_irfft_rows_equals_scipy(routed, monkeypatch, gather_bytes) -> None:
+    monkeypatch.setattr(backend, "GATHER_BYTES", gather_bytes)
+    rng = np.random.default_rng(5)
+    xq = (rng.standard_normal((9, 11)) + 1j * rng.standard_normal((9, 11))).astype(np.complex64)
+    rows = xq.T  # strided rows, as the kernel's GEMM result read along its orders
+    out = np.full((11, 16), np.nan, np.float32)
+    backend.irfft_rows(rows, 16, out)
+    want = scipy.fft.irfft(rows.astype(np.complex128), n=16, axis=-1, norm="forward")
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
